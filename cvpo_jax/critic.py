@@ -1,0 +1,88 @@
+"""Policy evaluation: TD targets and the critic loss for reward and cost ensembles.
+
+Reward targets take the min over reward critics, cost targets the max over cost
+critics (pessimistic on both). Termination stops the bootstrap; truncation (a time
+limit) does not.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from cvpo_jax.networks import Networks, policy_distribution
+from cvpo_jax.types import Params, Transition
+
+
+def td_targets(
+    reward: chex.Array,
+    cost: chex.Array,
+    terminated: chex.Array,
+    next_q_r: chex.Array,
+    next_q_c: chex.Array,
+    gamma: float,
+) -> tuple[chex.Array, chex.Array]:
+    """One-step TD targets.
+
+    Args:
+      reward: [B]. cost: [B, M]. terminated: [B] (bool or 0/1).
+      next_q_r: [N_r, B] target reward critics at (s', a').
+      next_q_c: [N_c, M, B] target cost critics at (s', a').
+      gamma: discount.
+
+    Returns:
+      y_r [B] = r + gamma (1 - term) min_i Q_r_i;  y_c [B, M] = c + gamma (1 - term) max_j Q_c_j.
+    """
+    chex.assert_rank([reward, cost, terminated, next_q_r, next_q_c], [1, 2, 1, 2, 3])
+    batch = reward.shape[0]
+    chex.assert_shape([cost, terminated], [(batch, next_q_c.shape[1]), (batch,)])
+    chex.assert_equal_shape_suffix([next_q_r, next_q_c, reward], 1)
+    continues = 1.0 - terminated.astype(reward.dtype)
+    y_r = reward + gamma * continues * jnp.min(next_q_r, axis=0)
+    y_c = cost + gamma * continues[:, None] * jnp.max(next_q_c, axis=0).T
+    return y_r, y_c
+
+
+def make_critic_loss(networks: Networks, gamma: float) -> Callable:
+    """Returns loss(critic_params, target_critic_params, target_policy_params, batch, key).
+
+    The loss is the mean squared TD error, averaged over members and batch, of the
+    reward members plus that of the cost members; aux holds both parts and mean Qs.
+    """
+
+    def loss_fn(
+        critic_params: Params,
+        target_critic_params: Params,
+        target_policy_params: Params,
+        batch: Transition,
+        key: chex.PRNGKey,
+    ) -> tuple[chex.Array, dict]:
+        next_mean, next_tril = networks.policy.apply(target_policy_params, batch.next_obs)
+        next_action = policy_distribution(next_mean, next_tril).sample(seed=key)
+        low = jnp.asarray(networks.policy.action_low)
+        high = jnp.asarray(networks.policy.action_high)
+        # The environment only ever sees clipped actions, so evaluate those.
+        next_action = jnp.clip(next_action, low, high)
+        next_q = networks.critic.apply(target_critic_params, batch.next_obs, next_action)
+        next_q_r, next_q_c = networks.split_critic_values(next_q)
+        y_r, y_c = td_targets(
+            batch.reward, batch.cost, batch.terminated, next_q_r, next_q_c, gamma
+        )
+        y_r, y_c = jax.lax.stop_gradient((y_r, y_c))
+        q_r, q_c = networks.split_critic_values(
+            networks.critic.apply(critic_params, batch.obs, batch.action)
+        )
+        loss_r = jnp.mean(jnp.square(q_r - y_r[None]))
+        loss_c = jnp.mean(jnp.square(q_c - y_c.T[None]))
+        aux = {
+            "critic_loss_reward": loss_r,
+            "critic_loss_cost": loss_c,
+            "q_reward": jnp.mean(q_r),
+            "q_cost": jnp.mean(q_c, axis=(0, 2)),
+        }
+        return loss_r + loss_c, aux
+
+    return loss_fn

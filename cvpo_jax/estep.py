@@ -1,0 +1,180 @@
+"""The E-step: CVPO's convex dual over (eta, lambda), its in-jit solver, the weights.
+
+For Q tables q_r [B, K] and q_c [B, K, M] of K actions sampled from pi_old at B
+states, the optimal variational policy is
+
+    q*(a_k|s) ∝ exp((Q_r - lambda . Q_c) / eta)   (relative to pi_old's samples)
+
+with (eta, lambda) minimising the convex dual
+
+    g(eta, lambda) = eta eps + lambda . qc_thres
+                     + eta mean_s [logsumexp_k((Q_r - lambda . Q_c) / eta) - log K].
+
+The solver takes Adam steps on (log eta, log lambda) inside `lax.scan`, warm-started
+from the previous solution and optimiser state, and projects onto the configured
+bounds after each step (a projection, not a clip inside the objective, so the
+gradient never vanishes at a bound). Everything here is a pure function of arrays
+and vmaps over independent problems.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from cvpo_jax.config import CVPOConfig
+from cvpo_jax.types import EStepDuals
+
+
+def _check_q(q_r: chex.Array, q_c: chex.Array) -> None:
+    chex.assert_rank([q_r, q_c], [2, 3])
+    chex.assert_equal_shape_prefix([q_r, q_c], 2)
+
+
+def _advantage(q_r: chex.Array, q_c: chex.Array, lam: chex.Array) -> chex.Array:
+    """Q_r - lambda . Q_c, [B, K]; lambda is applied exactly once."""
+    return q_r - jnp.einsum("bkm,m->bk", q_c, lam)
+
+
+def dual_objective(
+    log_eta: chex.Array,
+    log_lambda: chex.Array,
+    q_r: chex.Array,
+    q_c: chex.Array,
+    eps: float,
+    qc_threshold: chex.Array,
+) -> chex.Array:
+    """g(eta, lambda) at eta = exp(log_eta) [], lambda = exp(log_lambda) [M]; returns []."""
+    _check_q(q_r, q_c)
+    chex.assert_rank([log_eta, log_lambda, qc_threshold], [0, 1, 1])
+    chex.assert_shape([log_lambda, qc_threshold], (q_c.shape[-1],))
+    eta = jnp.exp(log_eta)
+    lam = jnp.exp(log_lambda)
+    num_samples = q_r.shape[1]
+    logits = _advantage(q_r, q_c, lam) / eta
+    log_mean_exp = jax.nn.logsumexp(logits, axis=1) - jnp.log(num_samples)
+    return eta * eps + jnp.dot(lam, qc_threshold) + eta * jnp.mean(log_mean_exp)
+
+
+def estep_weights(q_r: chex.Array, q_c: chex.Array, eta: chex.Array, lam: chex.Array):
+    """w[b, k] = softmax_k((Q_r - lambda . Q_c) / eta), [B, K], with no gradient."""
+    _check_q(q_r, q_c)
+    chex.assert_shape(lam, (q_c.shape[-1],))
+    weights = jax.nn.softmax(_advantage(q_r, q_c, lam) / eta, axis=1)
+    return jax.lax.stop_gradient(weights)
+
+
+def dual_optimizer(cfg: CVPOConfig) -> optax.GradientTransformation:
+    """Adam with a short second-moment memory (b2=0.9).
+
+    In log space a vanishing multiplier has a gradient that shrinks with it; with the
+    usual b2=0.999 Adam remembers the large early gradients and log-lambda crawls
+    towards its floor. A short memory keeps the step near dual_lr until the bound.
+    """
+    return optax.adam(cfg.dual_lr, b1=0.9, b2=0.9)
+
+
+def init_estep_duals(cfg: CVPOConfig, dtype=jnp.float32) -> EStepDuals:
+    """Duals at (eta_init, lambda_init) with a fresh optimiser state."""
+    params = {
+        "log_eta": jnp.log(jnp.asarray(cfg.eta_init, dtype)),
+        "log_lambda": jnp.full((cfg.num_constraints,), jnp.log(cfg.lambda_init), dtype),
+    }
+    return EStepDuals(
+        log_eta=params["log_eta"],
+        log_lambda=params["log_lambda"],
+        opt_state=dual_optimizer(cfg).init(params),
+    )
+
+
+def solve_dual(
+    duals: EStepDuals,
+    q_r: chex.Array,
+    q_c: chex.Array,
+    qc_threshold: chex.Array,
+    cfg: CVPOConfig,
+) -> tuple[EStepDuals, dict]:
+    """Takes `cfg.dual_steps` projected Adam steps on the dual from `duals`.
+
+    Args:
+      duals: current (warm-start) duals; log_lambda [M].
+      q_r: [B, K]; q_c: [B, K, M]; qc_threshold: [M].
+      cfg: supplies eps, the step count, learning rate and bounds.
+
+    Returns:
+      New duals, and info with the objective and its gradient norm at the solution.
+    """
+    _check_q(q_r, q_c)
+    q_r, q_c = jax.lax.stop_gradient((q_r, q_c))
+    optimizer = dual_optimizer(cfg)
+    log_lo = jnp.log(jnp.asarray([cfg.eta_bounds[0], cfg.lambda_bounds[0]], jnp.float32))
+    log_hi = jnp.log(jnp.asarray([cfg.eta_bounds[1], cfg.lambda_bounds[1]], jnp.float32))
+
+    def objective(params):
+        return dual_objective(
+            params["log_eta"], params["log_lambda"], q_r, q_c, cfg.estep_kl_eps, qc_threshold
+        )
+
+    def project(params):
+        return {
+            "log_eta": jnp.clip(params["log_eta"], log_lo[0], log_hi[0]),
+            "log_lambda": jnp.clip(params["log_lambda"], log_lo[1], log_hi[1]),
+        }
+
+    def step(carry, _):
+        params, opt_state = carry
+        grads = jax.grad(objective)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (project(optax.apply_updates(params, updates)), opt_state), None
+
+    params = {"log_eta": duals.log_eta, "log_lambda": duals.log_lambda}
+    (params, opt_state), _ = jax.lax.scan(
+        step, (params, duals.opt_state), None, length=cfg.dual_steps
+    )
+    value, grads = jax.value_and_grad(objective)(params)
+    info = {"dual_objective": value, "dual_grad_norm": optax.global_norm(grads)}
+    return EStepDuals(params["log_eta"], params["log_lambda"], opt_state), info
+
+
+def weight_diagnostics(weights: chex.Array, q_c: chex.Array, qc_threshold: chex.Array) -> dict:
+    """Readable summaries of E-step weights [B, K] (see README, Metrics).
+
+    weights_kl: mean_s KL(q || uniform), to compare with eps; ess_fraction: the
+    effective sample size 1 / sum_k w^2 as a fraction of K; qc_weighted [M]: E_q[Q_c]
+    and qc_ratio [M] = qc_weighted / qc_threshold.
+    """
+    num_samples = weights.shape[1]
+    kl = jnp.sum(weights * (jnp.log(jnp.maximum(weights, 1e-30)) + jnp.log(num_samples)), axis=1)
+    ess = 1.0 / jnp.sum(jnp.square(weights), axis=1)
+    qc_weighted = jnp.mean(jnp.einsum("bk,bkm->bm", weights, q_c), axis=0)
+    return {
+        "weights_kl": jnp.mean(kl),
+        "ess_fraction": jnp.mean(ess) / num_samples,
+        "qc_weighted": qc_weighted,
+        "qc_ratio": qc_weighted / jnp.maximum(qc_threshold, 1e-8),
+    }
+
+
+def estep(
+    duals: EStepDuals,
+    q_r: chex.Array,
+    q_c: chex.Array,
+    qc_threshold: chex.Array,
+    cfg: CVPOConfig,
+) -> tuple[EStepDuals, chex.Array, dict]:
+    """Solves the dual (warm start) and returns (new duals, weights [B, K], info)."""
+    duals, info = solve_dual(duals, q_r, q_c, qc_threshold, cfg)
+    eta = jnp.exp(duals.log_eta)
+    lam = jnp.exp(duals.log_lambda)
+    weights = estep_weights(q_r, q_c, eta, lam)
+    diagnostics = weight_diagnostics(weights, q_c, qc_threshold)
+    info = {
+        **info,
+        **diagnostics,
+        "eta": eta,
+        "lambda": lam,
+        "estep_kl_ratio": diagnostics["weights_kl"] / cfg.estep_kl_eps,
+    }
+    return duals, weights, info

@@ -1,0 +1,217 @@
+"""One CVPO learner: `init(key) -> TrainState` and `update(state, batch) -> (state, metrics)`.
+
+`update_step` is the pure function; `make_learner` closes it over the networks and
+config and jits it once (with the train state donated). `update_many` runs U
+updates back to back in one `lax.scan`, so dispatch costs nothing at small sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from cvpo_jax import critic as critic_lib
+from cvpo_jax import estep as estep_lib
+from cvpo_jax import mstep as mstep_lib
+from cvpo_jax.config import CVPOConfig
+from cvpo_jax.networks import Networks, make_networks, policy_distribution
+from cvpo_jax.types import Params, TrainState, Transition
+
+
+def critic_optimizer(cfg: CVPOConfig) -> optax.GradientTransformation:
+    return optax.adam(cfg.critic_lr)
+
+
+def init_train_state(key: chex.PRNGKey, networks: Networks, cfg: CVPOConfig) -> TrainState:
+    """Fresh parameters (targets equal to online copies), optimisers and duals."""
+    k_policy, k_critic, k_state = jax.random.split(key, 3)
+    obs = jnp.zeros((1, networks.obs_size), jnp.float32)
+    action = jnp.zeros((1, networks.action_size), jnp.float32)
+    policy_params = networks.policy.init(k_policy, obs)
+    critic_params = networks.critic.init(k_critic, obs, action)
+    return TrainState(
+        policy_params=policy_params,
+        target_policy_params=policy_params,
+        critic_params=critic_params,
+        target_critic_params=critic_params,
+        policy_opt_state=mstep_lib.policy_optimizer(cfg).init(policy_params),
+        critic_opt_state=critic_optimizer(cfg).init(critic_params),
+        estep_duals=estep_lib.init_estep_duals(cfg),
+        mstep_duals=mstep_lib.init_mstep_duals(cfg),
+        step=jnp.zeros((), jnp.int32),
+        rng=k_state,
+    )
+
+
+def check_batch(batch: Transition, networks: Networks) -> None:
+    """Raises ValueError (at trace time) if a batch does not have the expected shapes."""
+    o, a, m = networks.obs_size, networks.action_size, networks.num_constraints
+    b = batch.reward.shape[0] if batch.reward.ndim == 1 else None
+    expected = {
+        "obs": (b, o),
+        "action": (b, a),
+        "reward": (b,),
+        "cost": (b, m),
+        "next_obs": (b, o),
+        "terminated": (b,),
+        "truncated": (b,),
+    }
+    for name, shape in expected.items():
+        got = getattr(batch, name).shape
+        if b is None or got != shape:
+            raise ValueError(
+                f"Transition.{name} has shape {got}; expected {shape} "
+                f"(B=batch, O={o}, A={a}, M={m} constraints; reward must be [B])."
+            )
+
+
+def sample_actions(
+    policy_params: Params, networks: Networks, obs: chex.Array, key: chex.PRNGKey, num: int
+):
+    """Draws `num` actions per state: returns actions [B, K, A], mean [B, A], tril [B, A, A]."""
+    mean, tril = networks.policy.apply(policy_params, obs)
+    actions = policy_distribution(mean, tril).sample(seed=key, sample_shape=num)
+    return jnp.swapaxes(actions, 0, 1), mean, tril
+
+
+def clip_to_box(action: chex.Array, networks: Networks) -> chex.Array:
+    low = jnp.asarray(networks.policy.action_low, action.dtype)
+    high = jnp.asarray(networks.policy.action_high, action.dtype)
+    return jnp.clip(action, low, high)
+
+
+def update_step(
+    state: TrainState, batch: Transition, networks: Networks, cfg: CVPOConfig
+) -> tuple[TrainState, dict]:
+    """One CVPO update (critics, E-step, M-step, polyak) on a batch of B transitions."""
+    check_batch(batch, networks)
+    rng, k_critic, k_estep = jax.random.split(state.rng, 3)
+
+    # 1. Policy evaluation.
+    critic_loss = critic_lib.make_critic_loss(networks, cfg.gamma)
+    (_, critic_aux), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+        state.critic_params,
+        state.target_critic_params,
+        state.target_policy_params,
+        batch,
+        k_critic,
+    )
+    updates, critic_opt_state = critic_optimizer(cfg).update(
+        grads, state.critic_opt_state, state.critic_params
+    )
+    critic_params = optax.apply_updates(state.critic_params, updates)
+
+    # 2. E-step on K samples from pi_old (the target policy) and the target critics.
+    actions, mean_old, tril_old = sample_actions(
+        state.target_policy_params, networks, batch.obs, k_estep, cfg.num_samples
+    )
+    q_r, q_c = networks.pessimistic_q(
+        state.target_critic_params, batch.obs, clip_to_box(actions, networks)
+    )
+    qc_threshold = jnp.asarray(cfg.qc_threshold, jnp.float32)
+    estep_duals, weights, estep_info = estep_lib.estep(
+        state.estep_duals, q_r, q_c, qc_threshold, cfg
+    )
+
+    # 3. M-step: fit pi_theta to the weighted samples inside the KL trust region.
+    policy_params, policy_opt_state, mstep_duals, mstep_info = mstep_lib.mstep(
+        state.policy_params,
+        state.policy_opt_state,
+        state.mstep_duals,
+        networks,
+        batch.obs,
+        actions,
+        weights,
+        mean_old,
+        tril_old,
+        cfg,
+    )
+
+    # 4. Targets.
+    new_state = TrainState(
+        policy_params=policy_params,
+        target_policy_params=optax.incremental_update(
+            policy_params, state.target_policy_params, cfg.tau
+        ),
+        critic_params=critic_params,
+        target_critic_params=optax.incremental_update(
+            critic_params, state.target_critic_params, cfg.tau
+        ),
+        policy_opt_state=policy_opt_state,
+        critic_opt_state=critic_opt_state,
+        estep_duals=estep_duals,
+        mstep_duals=mstep_duals,
+        step=state.step + 1,
+        rng=rng,
+    )
+    qc_policy = jnp.mean(q_c, axis=(0, 1))
+    metrics = {
+        **critic_aux,
+        **estep_info,
+        **mstep_info,
+        "qc_policy": qc_policy,
+        "qc_policy_ratio": qc_policy / jnp.maximum(qc_threshold, 1e-8),
+    }
+    return new_state, metrics
+
+
+def select_action(
+    policy_params: Params,
+    networks: Networks,
+    obs: chex.Array,
+    key: chex.PRNGKey,
+    deterministic: bool = False,
+) -> chex.Array:
+    """Actions [B, A] for observations [B, O]: the mean, or a sample clipped to the box."""
+    mean, tril = networks.policy.apply(policy_params, obs)
+    if deterministic:
+        return mean
+    return clip_to_box(policy_distribution(mean, tril).sample(seed=key), networks)
+
+
+class Learner(NamedTuple):
+    """A configured learner: pure functions closed over networks and config.
+
+    init(key) -> TrainState
+    update(state, batch) -> (state, metrics)            jitted, state donated
+    update_many(state, batches[U]) -> (state, metrics[U])  U updates in one lax.scan
+    act(policy_params, obs [B, O], key, deterministic) -> actions [B, A]
+    """
+
+    cfg: CVPOConfig
+    networks: Networks
+    init: Callable[[chex.PRNGKey], TrainState]
+    update: Callable[[TrainState, Transition], tuple[TrainState, dict]]
+    update_many: Callable[[TrainState, Transition], tuple[TrainState, dict]]
+    act: Callable[..., chex.Array]
+
+
+def make_learner(
+    cfg: CVPOConfig,
+    obs_size: int,
+    action_low: Sequence[float],
+    action_high: Sequence[float],
+) -> Learner:
+    networks = make_networks(cfg, obs_size, action_low, action_high)
+
+    def update(state, batch):
+        return update_step(state, batch, networks, cfg)
+
+    def update_many(state, batches):
+        return jax.lax.scan(update, state, batches)
+
+    def act(policy_params, obs, key, deterministic=False):
+        return select_action(policy_params, networks, obs, key, deterministic)
+
+    return Learner(
+        cfg=cfg,
+        networks=networks,
+        init=jax.jit(lambda key: init_train_state(key, networks, cfg)),
+        update=jax.jit(update, donate_argnums=0),
+        update_many=jax.jit(update_many, donate_argnums=0),
+        act=jax.jit(act, static_argnames="deterministic"),
+    )

@@ -1,0 +1,186 @@
+"""Flax networks: a state-conditioned Gaussian policy and batched critic ensembles.
+
+Shapes follow the letters defined in `cvpo_jax.types`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import chex
+import distrax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvpo_jax.config import CVPOConfig
+
+_HEAD_INIT = nn.initializers.variance_scaling(1e-2, "fan_in", "truncated_normal")
+
+
+def _inverse_softplus(x: float) -> float:
+    return float(np.log(np.expm1(x)))
+
+
+class GaussianPolicy(nn.Module):
+    """pi(a|s) = N(mean(s), L(s) L(s)^T), mean bounded to the action box.
+
+    Returns mean [..., A] and the lower-triangular scale L [..., A, A] whose diagonal
+    is softplus(.) + min_std. With ``full_covariance=False`` L is diagonal.
+    """
+
+    action_low: tuple[float, ...]
+    action_high: tuple[float, ...]
+    hidden_sizes: tuple[int, ...]
+    full_covariance: bool = True
+    min_std: float = 1e-4
+    init_std: float = 0.5
+
+    @nn.compact
+    def __call__(self, obs: chex.Array) -> tuple[chex.Array, chex.Array]:
+        num_actions = len(self.action_low)
+        x = obs
+        for size in self.hidden_sizes:
+            x = nn.relu(nn.Dense(size)(x))
+        low = jnp.asarray(self.action_low, jnp.float32)
+        high = jnp.asarray(self.action_high, jnp.float32)
+        raw_mean = nn.Dense(num_actions, kernel_init=_HEAD_INIT, name="mean")(x)
+        mean = (high + low) / 2 + (high - low) / 2 * jnp.tanh(raw_mean)
+        # The shift makes the initial std equal init_std (the head starts near zero).
+        shift = _inverse_softplus(self.init_std - self.min_std)
+        raw_diag = nn.Dense(num_actions, kernel_init=_HEAD_INIT, name="diag")(x)
+        diag = jax.nn.softplus(raw_diag + shift) + self.min_std
+        scale_tril = diag[..., :, None] * jnp.eye(num_actions, dtype=diag.dtype)
+        if self.full_covariance and num_actions > 1:
+            rows, cols = np.tril_indices(num_actions, k=-1)
+            off_diag = nn.Dense(len(rows), kernel_init=_HEAD_INIT, name="off_diag")(x)
+            scale_tril = scale_tril.at[..., rows, cols].set(off_diag)
+        return mean, scale_tril
+
+
+class Critic(nn.Module):
+    """Q(s, a) as an MLP on [s, a], with the first layer split as W_s s + W_a a + b.
+
+    The split is exactly a dense layer on the concatenation, but lets K actions at
+    one state share the state's projection: obs [B, O] with action [B, A] gives
+    [B]; with action [B, K, A] it gives [B, K] at a fraction of the cost.
+    """
+
+    hidden_sizes: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, obs: chex.Array, action: chex.Array) -> chex.Array:
+        first = self.hidden_sizes[0]
+        h_obs = nn.Dense(first, name="obs_in")(obs)
+        h_act = nn.Dense(first, use_bias=False, name="act_in")(action)
+        if action.ndim == obs.ndim + 1:
+            h_obs = h_obs[..., None, :]
+        x = nn.relu(h_obs + h_act)
+        for size in self.hidden_sizes[1:]:
+            x = nn.relu(nn.Dense(size)(x))
+        return nn.Dense(1, name="out")(x)[..., 0]
+
+
+class CriticEnsemble(nn.Module):
+    """`num_members` independent critics evaluated in one batched (vmapped) call.
+
+    obs [B, O], action [B, A] -> [N, B]; action [B, K, A] -> [N, B, K].
+    """
+
+    num_members: int
+    hidden_sizes: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, obs: chex.Array, action: chex.Array) -> chex.Array:
+        ensemble = nn.vmap(
+            Critic,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=0,
+            axis_size=self.num_members,
+        )
+        return ensemble(self.hidden_sizes, name="members")(obs, action)
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """The policy and the stacked critic ensemble of one learner.
+
+    Critic members are ordered [N_r reward members, N_c * M cost members], the cost
+    members grouped as (member j, constraint m) -> index N_r + j * M + m.
+    """
+
+    policy: GaussianPolicy
+    critic: CriticEnsemble
+    num_reward_critics: int
+    num_cost_critics: int
+    num_constraints: int
+    obs_size: int
+
+    @property
+    def action_size(self) -> int:
+        return len(self.policy.action_low)
+
+    def split_critic_values(self, q: chex.Array) -> tuple[chex.Array, chex.Array]:
+        """Splits ensemble output [N, ...] into Q_r [N_r, ...] and Q_c [N_c, M, ...]."""
+        n_r = self.num_reward_critics
+        q_r = q[:n_r]
+        q_c = q[n_r:].reshape((self.num_cost_critics, self.num_constraints) + q.shape[1:])
+        return q_r, q_c
+
+    def pessimistic_q(self, critic_params, obs: chex.Array, action: chex.Array):
+        """min over reward members [B(,K)] and max over cost members [B(,K), M]."""
+        q_r, q_c = self.split_critic_values(self.critic.apply(critic_params, obs, action))
+        return jnp.min(q_r, axis=0), jnp.moveaxis(jnp.max(q_c, axis=0), 0, -1)
+
+
+def make_networks(
+    cfg: CVPOConfig,
+    obs_size: int,
+    action_low: Sequence[float],
+    action_high: Sequence[float],
+) -> Networks:
+    """Builds the networks for observations of size O and a finite action box [A]."""
+    low = tuple(float(x) for x in np.asarray(action_low, np.float64).reshape(-1))
+    high = tuple(float(x) for x in np.asarray(action_high, np.float64).reshape(-1))
+    if not isinstance(obs_size, (int, np.integer)) or obs_size < 1:
+        raise ValueError(f"obs_size={obs_size!r} must be a positive integer.")
+    if len(low) != len(high) or not low:
+        raise ValueError(
+            f"action_low (size {len(low)}) and action_high (size {len(high)}) must be "
+            "non-empty and of the same size."
+        )
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+        raise ValueError(
+            f"The action box must be finite to bound the policy mean; got low={low}, high={high}."
+        )
+    if not np.all(np.asarray(low) < np.asarray(high)):
+        raise ValueError(f"action_low must be < action_high elementwise; got {low} and {high}.")
+    policy = GaussianPolicy(
+        action_low=low,
+        action_high=high,
+        hidden_sizes=cfg.hidden_sizes,
+        full_covariance=cfg.full_covariance,
+        min_std=cfg.min_std,
+        init_std=cfg.init_std,
+    )
+    critic = CriticEnsemble(
+        num_members=cfg.num_reward_critics + cfg.num_cost_critics * cfg.num_constraints,
+        hidden_sizes=cfg.hidden_sizes,
+    )
+    return Networks(
+        policy=policy,
+        critic=critic,
+        num_reward_critics=cfg.num_reward_critics,
+        num_cost_critics=cfg.num_cost_critics,
+        num_constraints=cfg.num_constraints,
+        obs_size=int(obs_size),
+    )
+
+
+def policy_distribution(mean: chex.Array, scale_tril: chex.Array) -> distrax.MultivariateNormalTri:
+    """The policy's distribution with batch shape [...] and event shape [A]."""
+    return distrax.MultivariateNormalTri(loc=mean, scale_tri=scale_tril)
