@@ -68,9 +68,7 @@ def make_critic_loss(networks: Networks, gamma: float) -> Callable:
         next_action = jnp.clip(next_action, low, high)
         next_q = networks.critic.apply(target_critic_params, batch.next_obs, next_action)
         next_q_r, next_q_c = networks.split_critic_values(next_q)
-        y_r, y_c = td_targets(
-            batch.reward, batch.cost, batch.terminated, next_q_r, next_q_c, gamma
-        )
+        y_r, y_c = td_targets(batch.reward, batch.cost, batch.terminated, next_q_r, next_q_c, gamma)
         y_r, y_c = jax.lax.stop_gradient((y_r, y_c))
         q_r, q_c = networks.split_critic_values(
             networks.critic.apply(critic_params, batch.obs, batch.action)

@@ -28,10 +28,16 @@ def scipy_dual(q_r, q_c, eps, thr):
     m = q_c.shape[-1]
     bounds = [(1e-6, 1e5)] + [(0.0, 1e5)] * m
     fun = lambda x: np_dual(x[0], x[1:], q_r, q_c, eps, thr)  # noqa: E731
-    res = minimize(fun, np.ones(1 + m), method="SLSQP", bounds=bounds,
-                   options=dict(ftol=1e-15, maxiter=2000))
-    res = minimize(fun, res.x, method="L-BFGS-B", bounds=bounds,
-                   options=dict(ftol=1e-16, gtol=1e-12, maxiter=5000))
+    res = minimize(
+        fun, np.ones(1 + m), method="SLSQP", bounds=bounds, options=dict(ftol=1e-15, maxiter=2000)
+    )
+    res = minimize(
+        fun,
+        res.x,
+        method="L-BFGS-B",
+        bounds=bounds,
+        options=dict(ftol=1e-16, gtol=1e-12, maxiter=5000),
+    )
     return res.x[0], res.x[1:], res.fun
 
 
@@ -77,10 +83,17 @@ def slack_problem(seed, m, b=128, k=32):
 def test_dual_objective_matches_numpy(x64):
     q_r, q_c, thr = binding_problem(0, 2)
     for eta, lam in [(0.3, [0.0, 0.0]), (1.0, [0.5, 2.0]), (50.0, [3.0, 0.1])]:
-        ours = E.dual_objective(jnp.log(eta), jnp.log(jnp.asarray(lam) + 1e-300),
-                                jnp.asarray(q_r), jnp.asarray(q_c), EPS, jnp.asarray(thr))
-        np.testing.assert_allclose(float(ours), np_dual(eta, np.asarray(lam), q_r, q_c, EPS, thr),
-                                   rtol=1e-12)
+        ours = E.dual_objective(
+            jnp.log(eta),
+            jnp.log(jnp.asarray(lam) + 1e-300),
+            jnp.asarray(q_r),
+            jnp.asarray(q_c),
+            EPS,
+            jnp.asarray(thr),
+        )
+        np.testing.assert_allclose(
+            float(ours), np_dual(eta, np.asarray(lam), q_r, q_c, EPS, thr), rtol=1e-12
+        )
 
 
 def test_dual_gradient_is_eps_minus_kl_and_threshold_minus_weighted_qc(x64):
@@ -89,7 +102,8 @@ def test_dual_gradient_is_eps_minus_kl_and_threshold_minus_weighted_qc(x64):
     q_r, q_c, thr = binding_problem(1, 2)
     eta, lam = 0.7, np.array([0.4, 1.3])
     g_log_eta, g_log_lam = jax.grad(E.dual_objective, argnums=(0, 1))(
-        jnp.log(eta), jnp.log(lam), jnp.asarray(q_r), jnp.asarray(q_c), EPS, jnp.asarray(thr))
+        jnp.log(eta), jnp.log(lam), jnp.asarray(q_r), jnp.asarray(q_c), EPS, jnp.asarray(thr)
+    )
     w = np_weights(q_r, q_c, eta, lam)
     kl = np.mean(np.sum(w * np.log(w * q_r.shape[1]), axis=1))
     wqc = np.mean(np.einsum("bk,bkm->bm", w, q_c), axis=0)
@@ -208,8 +222,9 @@ def test_estep_has_no_nan_on_extreme_q(case):
     step = jax.jit(E.estep, static_argnums=4)
     thr = jnp.asarray(cfg.qc_threshold)
     for _ in range(50):  # Many warm-started updates, as in training.
-        duals, w, info = step(duals, jnp.asarray(q_r, jnp.float32), jnp.asarray(q_c, jnp.float32),
-                              thr, cfg)
+        duals, w, info = step(
+            duals, jnp.asarray(q_r, jnp.float32), jnp.asarray(q_c, jnp.float32), thr, cfg
+        )
     for leaf in jax.tree.leaves((duals, w, info)):
         assert np.all(np.isfinite(np.asarray(leaf))), case
     eta = float(jnp.exp(duals.log_eta))
@@ -265,17 +280,20 @@ class EStepShapeTest(chex.TestCase):
         q_c = jnp.ones((b, k, m))
         thr = jnp.ones((m,))
         duals, w, info = self.variant(lambda d: E.estep(d, q_r, q_c, thr, cfg))(
-            E.init_estep_duals(cfg))
+            E.init_estep_duals(cfg)
+        )
         chex.assert_shape(w, (b, k))
         chex.assert_shape([duals.log_eta, info["eta"], info["weights_kl"]], ())
         chex.assert_shape([duals.log_lambda, info["lambda"], info["qc_ratio"]], (m,))
         g = self.variant(E.dual_objective, static_argnums=4)(
-            duals.log_eta, duals.log_lambda, q_r, q_c, 0.1, thr)
+            duals.log_eta, duals.log_lambda, q_r, q_c, 0.1, thr
+        )
         chex.assert_shape(g, ())
 
     def test_bad_shapes_fail_early(self):
         with self.assertRaises(AssertionError):
             E.estep_weights(jnp.zeros((4, 5)), jnp.zeros((4, 6, 1)), 1.0, jnp.ones(1))
         with self.assertRaises(AssertionError):
-            E.dual_objective(0.0, jnp.zeros(2), jnp.zeros((4, 5)), jnp.zeros((4, 5, 1)), 0.1,
-                             jnp.ones(1))
+            E.dual_objective(
+                0.0, jnp.zeros(2), jnp.zeros((4, 5)), jnp.zeros((4, 5, 1)), 0.1, jnp.ones(1)
+            )

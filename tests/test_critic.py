@@ -1,0 +1,129 @@
+"""Policy evaluation: TD targets on hand-made transitions, and the critic loss."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvpo_jax.config import CVPOConfig
+from cvpo_jax.critic import make_critic_loss, td_targets
+from cvpo_jax.networks import make_networks
+from cvpo_jax.types import Transition
+
+
+def test_td_targets_on_hand_made_transitions():
+    gamma = 0.9
+    # Three transitions: ordinary, terminated, truncated (time limit).
+    reward = jnp.array([1.0, 2.0, 3.0])
+    cost = jnp.array([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    terminated = jnp.array([False, True, False])
+    next_q_r = jnp.array([[10.0, 20.0, 30.0], [12.0, 18.0, 31.0]])  # [N_r=2, B]
+    next_q_c = jnp.array(  # [N_c=2, M=2, B]
+        [[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], [[1.5, 1.0, 3.5], [3.0, 7.0, 5.0]]]
+    )
+    y_r, y_c = td_targets(reward, cost, terminated, next_q_r, next_q_c, gamma)
+    # min over reward critics: [10, 18, 30]; the terminated one does not bootstrap.
+    np.testing.assert_allclose(y_r, [1 + 0.9 * 10, 2.0, 3 + 0.9 * 30], rtol=1e-6)
+    # max over cost critics per constraint: m=0: [1.5, 2, 3.5]; m=1: [4, 7, 6].
+    expected_c = [[0 + 0.9 * 1.5, 1 + 0.9 * 4], [1.0, 0.0], [1 + 0.9 * 3.5, 1 + 0.9 * 6]]
+    np.testing.assert_allclose(y_c, expected_c, rtol=1e-6)
+
+
+def test_truncation_bootstraps_and_termination_does_not():
+    kwargs = dict(
+        reward=jnp.zeros(2),
+        cost=jnp.zeros((2, 1)),
+        next_q_r=jnp.full((1, 2), 5.0),
+        next_q_c=jnp.full((1, 1, 2), 2.0),
+        gamma=0.5,
+    )
+    y_r, y_c = td_targets(terminated=jnp.array([1.0, 0.0]), **kwargs)
+    np.testing.assert_allclose(y_r, [0.0, 2.5])
+    np.testing.assert_allclose(y_c[:, 0], [0.0, 1.0])
+
+
+def test_td_targets_reject_mismatched_shapes():
+    with pytest.raises(AssertionError):
+        td_targets(
+            jnp.zeros(3),
+            jnp.zeros((3, 2)),
+            jnp.zeros(3),
+            jnp.zeros((2, 3)),
+            jnp.zeros((2, 1, 3)),
+            0.9,
+        )  # M=2 costs but M=1 cost critics.
+
+
+def _setup(num_constraints=2):
+    cfg = CVPOConfig(
+        hidden_sizes=(16,),
+        num_reward_critics=2,
+        num_cost_critics=2,
+        cost_limit=(1.0,) * num_constraints,
+    )
+    nets = make_networks(cfg, 3, [-1.0, -1.0], [1.0, 1.0])
+    k = jax.random.split(jax.random.PRNGKey(0), 8)
+    critic = nets.critic.init(k[0], jnp.zeros((1, 3)), jnp.zeros((1, 2)))
+    target = nets.critic.init(k[1], jnp.zeros((1, 3)), jnp.zeros((1, 2)))
+    policy = nets.policy.init(k[2], jnp.zeros((1, 3)))
+    b = 5
+    batch = Transition(
+        obs=jax.random.normal(k[3], (b, 3)),
+        action=jax.random.uniform(k[4], (b, 2), minval=-1, maxval=1),
+        reward=jax.random.normal(k[5], (b,)),
+        cost=jax.random.uniform(k[6], (b, num_constraints)),
+        next_obs=jax.random.normal(k[7], (b, 3)),
+        terminated=jnp.array([0.0, 1.0, 0.0, 0.0, 1.0]),
+        truncated=jnp.array([0.0, 0.0, 1.0, 0.0, 0.0]),
+    )
+    return cfg, nets, critic, target, policy, batch
+
+
+def test_critic_loss_equals_an_independent_computation():
+    cfg, nets, critic, target, policy, batch = _setup()
+    key = jax.random.PRNGKey(3)
+    loss, aux = make_critic_loss(nets, cfg.gamma)(critic, target, policy, batch, key)
+    # Recompute by hand: same next actions (same key), per-member evaluation.
+    from cvpo_jax.networks import policy_distribution
+
+    mean, tril = nets.policy.apply(policy, batch.next_obs)
+    a_next = jnp.clip(policy_distribution(mean, tril).sample(seed=key), -1.0, 1.0)
+    q_next = np.asarray(nets.critic.apply(target, batch.next_obs, a_next))  # [N, B]
+    q_now = np.asarray(nets.critic.apply(critic, batch.obs, batch.action))
+    cont = 1.0 - np.asarray(batch.terminated)
+    y_r = np.asarray(batch.reward) + cfg.gamma * cont * np.minimum(q_next[0], q_next[1])
+    loss_r = np.mean([(q_now[i] - y_r) ** 2 for i in range(2)])
+    loss_c = 0.0
+    for m in range(2):
+        members = [2 + j * 2 + m for j in range(2)]  # Cost member j of constraint m.
+        y_c = np.asarray(batch.cost[:, m]) + cfg.gamma * cont * np.maximum(*q_next[members])
+        loss_c += np.mean([(q_now[i] - y_c) ** 2 for i in members]) / 2
+    np.testing.assert_allclose(float(aux["critic_loss_reward"]), loss_r, rtol=1e-5)
+    np.testing.assert_allclose(float(aux["critic_loss_cost"]), loss_c, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), loss_r + loss_c, rtol=1e-5)
+
+
+def test_critic_gradient_reaches_only_the_online_critic():
+    cfg, nets, critic, target, policy, batch = _setup()
+    loss_fn = make_critic_loss(nets, cfg.gamma)
+    g_critic, g_target, g_policy = jax.grad(
+        lambda c, t, p: loss_fn(c, t, p, batch, jax.random.PRNGKey(0))[0], argnums=(0, 1, 2)
+    )(critic, target, policy)
+    assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(g_critic))
+    for g in jax.tree.leaves((g_target, g_policy)):
+        np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+class CriticLossShapeTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_shapes(self):
+        cfg, nets, critic, target, policy, batch = _setup(num_constraints=2)
+        loss_fn = self.variant(make_critic_loss(nets, cfg.gamma))
+        loss, aux = loss_fn(critic, target, policy, batch, jax.random.PRNGKey(0))
+        chex.assert_shape([loss, aux["critic_loss_reward"], aux["q_reward"]], ())
+        chex.assert_shape(aux["q_cost"], (2,))
+        y_r, y_c = self.variant(td_targets, static_argnums=5)(
+            batch.reward, batch.cost, batch.terminated, jnp.zeros((2, 5)), jnp.zeros((2, 2, 5)), 0.9
+        )
+        chex.assert_shape([y_r, y_c], [(5,), (5, 2)])
