@@ -178,7 +178,7 @@ class CVPOConfig:
             episodic_to_q_threshold(c, self.gamma, self.episode_length) for c in self.cost_limit
         )
 
-    def replace(self, **changes: Any) -> "CVPOConfig":
+    def replace(self, **changes: Any) -> CVPOConfig:
         """A validated copy with some fields changed; unknown names raise ValueError."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:

@@ -7,7 +7,7 @@ limit) does not.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import chex
 import jax

@@ -7,7 +7,8 @@ updates back to back in one `lax.scan`, so dispatch costs nothing at small sizes
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import chex
 import jax

@@ -6,7 +6,7 @@ Shapes follow the letters defined in `cvpo_jax.types`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import chex
 import distrax
