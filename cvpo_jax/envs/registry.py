@@ -1,0 +1,155 @@
+"""Environment names: short names and full ids -> the id a backend makes.
+
+``env=CarGoal1`` means ``SafetyCarGoal1-v0``; the full id works too, and both
+match case-insensitively. Names of the form ``<backend>/<name>`` are routed to
+another backend (``brax/`` is reserved for a JAX-native one); a name without a
+prefix belongs to Safety-Gymnasium.
+
+The Safety-Gymnasium list is read from safety-gymnasium's own registry, kept to
+the tasks this project supports (and the compat layer was verified on):
+
+- ``Safety{Point,Car,Racecar,Doggo,Ant}{Goal,Button,Push,Circle}{0,1,2}-v0``,
+  short name without ``Safety`` and version, e.g. ``CarGoal1``;
+- ``Safety<Robot>Velocity-v<k>``, short name e.g. ``HalfCheetahVelocity``,
+  meaning the newest version (``-v1``); older full ids still resolve.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+import types
+from collections.abc import Callable, Iterable, Mapping
+
+SAFETY_GYM_BACKEND = "safety_gymnasium"
+RESERVED_BACKENDS = ("brax",)
+
+_NAVIGATION_ID = re.compile(
+    r"^Safety(?P<short>(?:Point|Car|Racecar|Doggo|Ant)(?:Goal|Button|Push|Circle)[0-2])-v(?P<v>\d+)$"
+)
+_VELOCITY_ID = re.compile(r"^Safety(?P<short>[A-Za-z0-9]+Velocity)-v(?P<v>\d+)$")
+
+
+def build_safety_gym_names(env_ids: Iterable[str]) -> dict[str, str]:
+    """Maps every accepted spelling (short name, full id) to a full id.
+
+    Pure: ``env_ids`` is any collection of registered ids; unsupported ids are
+    ignored. A short name maps to its newest version.
+
+    Returns:
+      dict from name to full id, keys in their canonical spelling.
+    """
+    newest: dict[str, tuple[int, str]] = {}
+    names: dict[str, str] = {}
+    for env_id in sorted(env_ids):
+        match = _NAVIGATION_ID.match(env_id) or _VELOCITY_ID.match(env_id)
+        if match is None:
+            continue
+        names[env_id] = env_id
+        short, version = match.group("short"), int(match.group("v"))
+        if short not in newest or version > newest[short][0]:
+            newest[short] = (version, env_id)
+    names.update({short: env_id for short, (_, env_id) in newest.items()})
+    return names
+
+
+@functools.cache
+def safety_gym_names() -> Mapping[str, str]:
+    """Accepted Safety-Gymnasium names -> full ids, from safety-gymnasium's registry."""
+    from cvpo_jax.envs.safety_gymnasium_compat import import_safety_gymnasium
+
+    import_safety_gymnasium()
+    from safety_gymnasium.utils.registration import safe_registry
+
+    # Read-only: the cached mapping is shared by every caller.
+    return types.MappingProxyType(build_safety_gym_names(safe_registry))
+
+
+def lookup(name: str, names: Mapping[str, str], backend: str) -> str:
+    """Resolves ``name`` in ``names`` (exact first, then case-insensitive).
+
+    Raises:
+      ValueError: naming ``name``, the closest matches, and all short names.
+    """
+    if name in names:
+        return names[name]
+    folded = {key.lower(): value for key, value in names.items()}
+    if name.lower() in folded:
+        return folded[name.lower()]
+    suggestions = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+    if not suggestions:
+        by_lower = difflib.get_close_matches(name.lower(), list(folded), n=3, cutoff=0.6)
+        suggestions = [next(k for k in names if k.lower() == s) for s in by_lower]
+    hint = f" Did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
+    short_names = sorted(k for k, v in names.items() if k != v)
+    raise ValueError(
+        f"unknown {backend} environment {name!r}.{hint} Valid names (short form; full ids "
+        f"like 'SafetyCarGoal1-v0' work too): {', '.join(short_names)}"
+    )
+
+
+def _resolve_safety_gym(name: str) -> str:
+    return lookup(name, safety_gym_names(), SAFETY_GYM_BACKEND)
+
+
+# Backend prefix -> resolver of the name after "<prefix>/". The empty prefix is
+# the default backend. A JAX-native backend registers "brax" here.
+BACKENDS: dict[str, Callable[[str], str]] = {"": _resolve_safety_gym}
+
+
+def split_backend(name: str) -> tuple[str, str]:
+    """Splits ``"brax/ant"`` into ``("brax", "ant")``; no prefix gives ``("", name)``."""
+    prefix, sep, rest = name.partition("/")
+    return (prefix, rest) if sep else ("", name)
+
+
+def resolve_env_id(name: str) -> str:
+    """Returns the full id for an environment name.
+
+    ``"CarGoal1"``, ``"cargoal1"`` and ``"SafetyCarGoal1-v0"`` all give
+    ``"SafetyCarGoal1-v0"``; ``"HalfCheetahVelocity"`` gives
+    ``"SafetyHalfCheetahVelocity-v1"``. A name from a non-default backend keeps
+    its prefix in the result (``"<backend>/<id>"``).
+
+    Raises:
+      ValueError: unknown name (with close matches and the valid names), or a
+        backend prefix that is unknown or not available yet.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"environment name must be a non-empty string, got {name!r}")
+    prefix, rest = split_backend(name.strip())
+    if prefix not in BACKENDS:
+        available = sorted(p for p in BACKENDS if p)
+        if prefix in RESERVED_BACKENDS:
+            raise ValueError(
+                f"environment backend {prefix!r} (from {name!r}) is not available yet; "
+                f"available backend prefixes: {available or 'none'}; names without a "
+                f"prefix are Safety-Gymnasium tasks"
+            )
+        raise ValueError(
+            f"unknown environment backend {prefix!r} in {name!r}; available backend "
+            f"prefixes: {available or 'none'} (or no prefix for Safety-Gymnasium)"
+        )
+    resolved = BACKENDS[prefix](rest)
+    return f"{prefix}/{resolved}" if prefix else resolved
+
+
+def _listing_backend_names(backend: str, caller: str) -> Mapping[str, str]:
+    if backend not in ("", SAFETY_GYM_BACKEND):
+        raise ValueError(
+            f"{caller}: unknown backend {backend!r}; allowed: '' or {SAFETY_GYM_BACKEND!r}"
+        )
+    return safety_gym_names()
+
+
+def list_env_names(backend: str = "") -> list[str]:
+    """Short names accepted by ``backend`` (default: Safety-Gymnasium), sorted."""
+    names = _listing_backend_names(backend, "list_env_names")
+    return sorted(k for k, v in names.items() if k != v)
+
+
+def list_env_ids(backend: str = "") -> list[str]:
+    """Full ids accepted by ``backend`` (default: Safety-Gymnasium), sorted."""
+    names = _listing_backend_names(backend, "list_env_ids")
+    return sorted(k for k, v in names.items() if k == v)

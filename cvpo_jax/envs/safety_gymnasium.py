@@ -1,0 +1,351 @@
+"""Batched Safety-Gymnasium environments with a numpy float32 boundary.
+
+Shapes: N environments, O observation size, A action size.
+
+:class:`SafetyGymVectorEnv` runs N copies of a task in safety-gymnasium's
+vector env (subprocesses when N > 1 by default). Its :meth:`step` returns a
+:class:`StepResult` with the observation to act from next (after auto-reset)
+and, separately, the true next observation of the transition, which for an
+episode that just ended is the final observation safety-gymnasium reports in
+``info["final_observation"]``, not the first observation of the next episode.
+
+The episode bookkeeping (:func:`accumulate_episodes`) and the final-observation
+merge (:func:`true_next_observations`) are pure functions of arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Self
+
+import numpy as np
+
+from cvpo_jax.envs.registry import resolve_env_id
+from cvpo_jax.envs.safety_gymnasium_compat import import_safety_gymnasium
+
+
+class EpisodeStats(NamedTuple):
+    """Per-env statistics of episodes that ended at this step.
+
+    Entries where ``done`` is False are zero and carry no meaning.
+
+    Attributes:
+      done: [N] bool, the episode ended (terminated or truncated).
+      episode_return: [N] float32, sum of rewards of the ended episode.
+      episode_cost: [N] float32, sum of costs of the ended episode.
+      episode_length: [N] int32, number of steps of the ended episode.
+    """
+
+    done: np.ndarray
+    episode_return: np.ndarray
+    episode_cost: np.ndarray
+    episode_length: np.ndarray
+
+
+class EpisodeAccumulator(NamedTuple):
+    """Running sums of the episodes in progress; [N] float64/float64/int64."""
+
+    ret: np.ndarray
+    cost: np.ndarray
+    length: np.ndarray
+
+
+class StepResult(NamedTuple):
+    """One batched transition.
+
+    Attributes:
+      obs: [N, O] float32, observation to act from next (the reset observation
+        where an episode just ended).
+      next_obs: [N, O] float32, true next observation of this transition (the
+        final observation where an episode just ended). Store this in replay.
+      reward: [N] float32.
+      cost: [N] float32.
+      terminated: [N] bool, the episode ended in a terminal state (bootstrap
+        with zero).
+      truncated: [N] bool, the episode was cut off, e.g. by the time limit
+        (bootstrap from ``next_obs``).
+      episode: per-env stats of the episodes that ended at this step.
+    """
+
+    obs: np.ndarray
+    next_obs: np.ndarray
+    reward: np.ndarray
+    cost: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    episode: EpisodeStats
+
+
+def init_episode_accumulator(num_envs: int) -> EpisodeAccumulator:
+    """Zero running sums for ``num_envs`` fresh episodes."""
+    return EpisodeAccumulator(
+        ret=np.zeros(num_envs, np.float64),
+        cost=np.zeros(num_envs, np.float64),
+        length=np.zeros(num_envs, np.int64),
+    )
+
+
+def accumulate_episodes(
+    acc: EpisodeAccumulator, reward: np.ndarray, cost: np.ndarray, done: np.ndarray
+) -> tuple[EpisodeAccumulator, EpisodeStats]:
+    """Adds one step to the running sums and closes the episodes that ended.
+
+    Args:
+      acc: running sums before this step, [N] each.
+      reward, cost: [N] this step's reward and cost (the step is part of the
+        episode that ``done`` ends).
+      done: [N] bool, terminated or truncated at this step.
+
+    Returns:
+      (sums for the episodes in progress after this step, zero where ``done``;
+       stats of the ended episodes).
+    """
+    n = acc.ret.shape[0]
+    for label, arr in (("reward", reward), ("cost", cost), ("done", done)):
+        if np.shape(arr) != (n,):
+            raise ValueError(
+                f"accumulate_episodes: {label} has shape {np.shape(arr)}, expected ({n},)"
+            )
+    done = np.asarray(done, dtype=bool)
+    ret = acc.ret + reward
+    total_cost = acc.cost + cost
+    length = acc.length + 1
+    stats = EpisodeStats(
+        done=done.copy(),
+        episode_return=np.where(done, ret, 0.0).astype(np.float32),
+        episode_cost=np.where(done, total_cost, 0.0).astype(np.float32),
+        episode_length=np.where(done, length, 0).astype(np.int32),
+    )
+    new_acc = EpisodeAccumulator(
+        ret=np.where(done, 0.0, ret),
+        cost=np.where(done, 0.0, total_cost),
+        length=np.where(done, 0, length),
+    )
+    return new_acc, stats
+
+
+def true_next_observations(obs: np.ndarray, done: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+    """Replaces the auto-reset observations of ended episodes by their final ones.
+
+    Safety-gymnasium's vector envs (gymnasium 0.28/0.29 API) put the last
+    observation of an ended episode in ``info["final_observation"][i]`` (an
+    object array) with the mask ``info["_final_observation"]``.
+
+    Args:
+      obs: [N, O] observations returned by the vector env's step.
+      done: [N] bool, terminated or truncated.
+      info: the vector env's info dict.
+
+    Returns:
+      [N, O] float32 copy of ``obs`` with the rows of ended episodes replaced.
+
+    Raises:
+      RuntimeError: an env reported done without a final observation; using the
+        reset observation instead would silently corrupt the transition.
+    """
+    next_obs = np.array(obs, dtype=np.float32, copy=True)
+    done = np.asarray(done, dtype=bool)
+    if not done.any():
+        return next_obs
+    mask = np.asarray(info.get("_final_observation", np.zeros_like(done)), dtype=bool)
+    missing = np.flatnonzero(done & ~mask)
+    if missing.size:
+        raise RuntimeError(
+            f"envs {missing.tolist()} reported done but info has no final_observation for "
+            f"them (info keys: {sorted(info)}); cannot recover the true next observation"
+        )
+    final = info["final_observation"]
+    for i in np.flatnonzero(mask):
+        row = np.asarray(final[i], dtype=np.float32).reshape(-1)
+        if row.shape != next_obs.shape[1:]:
+            raise RuntimeError(
+                f"final_observation of env {i} has shape {row.shape}, expected {next_obs.shape[1:]}"
+            )
+        next_obs[i] = row
+    return next_obs
+
+
+def clip_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Clips [N, A] actions into the box ``[low, high]`` ([A] each).
+
+    Raises:
+      ValueError: wrong rank or action size, or a non-finite action (clipping
+        would pass NaN through to the simulator).
+    """
+    actions = np.asarray(actions)
+    if actions.ndim != 2 or actions.shape[1] != low.shape[0]:
+        raise ValueError(f"actions must have shape [num_envs, {low.shape[0]}], got {actions.shape}")
+    if not np.all(np.isfinite(actions)):
+        raise ValueError(f"actions must be finite, got {actions}")
+    return np.clip(actions, low, high)
+
+
+def make_safety_gym_env(env_id: str, disable_env_checker: bool = True):
+    """Makes one safety-gymnasium env (with its time limit) through the compat layer.
+
+    Module-level so that it pickles by reference: subprocess workers started
+    with "spawn" or "forkserver" re-import this module, which applies the
+    compatibility fixes in the worker before safety_gymnasium is imported.
+    """
+    safety_gymnasium = import_safety_gymnasium()
+    return safety_gymnasium.make(env_id, disable_env_checker=disable_env_checker)
+
+
+class SafetyGymVectorEnv:
+    """N copies of a Safety-Gymnasium task behind a float32 numpy interface.
+
+    Usage::
+
+        with SafetyGymVectorEnv("CarGoal1", num_envs=2) as env:
+            obs = env.reset(seed=0)                      # [N, O]
+            result = env.step(np.zeros((2, env.action_size)))
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_envs: int = 1,
+        *,
+        asynchronous: bool | None = None,
+        context: str | None = None,
+    ):
+        """Makes the vector env.
+
+        Args:
+          name: short name or full id, see :func:`cvpo_jax.envs.registry.resolve_env_id`.
+          num_envs: N >= 1.
+          asynchronous: one subprocess per env; defaults to ``num_envs > 1``.
+          context: multiprocessing start method for asynchronous envs (None:
+            platform default, "fork" on Linux; "forkserver" or "spawn" avoid
+            forking a process whose JAX runtime already started threads).
+        """
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
+        env_id = resolve_env_id(name)
+        if "/" in env_id:
+            raise ValueError(
+                f"SafetyGymVectorEnv runs Safety-Gymnasium tasks only; {name!r} resolved to "
+                f"{env_id!r}, which belongs to another backend"
+            )
+        safety_gymnasium = import_safety_gymnasium()
+        episode_length = safety_gymnasium.utils.registration.spec(env_id).max_episode_steps
+        # The env checker runs on env 0 only, as in safety_gymnasium.vector.make.
+        env_fns = [
+            functools.partial(make_safety_gym_env, env_id, disable_env_checker=i > 0)
+            for i in range(num_envs)
+        ]
+        if asynchronous is None:
+            asynchronous = num_envs > 1
+        self._init(env_fns, asynchronous, context, episode_length, env_id)
+
+    @classmethod
+    def from_env_fns(
+        cls,
+        env_fns: Sequence[Callable[[], Any]],
+        *,
+        episode_length: int,
+        asynchronous: bool = False,
+        context: str | None = None,
+        env_id: str = "custom",
+    ) -> SafetyGymVectorEnv:
+        """Wraps envs with the safety-gymnasium 6-tuple API (e.g. scripted test envs).
+
+        Args:
+          env_fns: N callables, each returning an env whose ``step`` returns
+            (obs, reward, cost, terminated, truncated, info).
+          episode_length: the envs' time limit, reported as ``episode_length``.
+        """
+        if len(env_fns) < 1:
+            raise ValueError("from_env_fns needs at least one env fn, got 0")
+        self = cls.__new__(cls)
+        self._init(list(env_fns), asynchronous, context, episode_length, env_id)
+        return self
+
+    def _init(self, env_fns, asynchronous, context, episode_length, env_id) -> None:
+        import_safety_gymnasium()
+        from safety_gymnasium.vector import SafetyAsyncVectorEnv, SafetySyncVectorEnv
+
+        if asynchronous:
+            vec = SafetyAsyncVectorEnv(env_fns, context=context)
+        else:
+            if context is not None:
+                raise ValueError(f"context={context!r} needs asynchronous=True")
+            vec = SafetySyncVectorEnv(env_fns)
+        self._vec = vec
+        try:
+            obs_space, act_space = vec.single_observation_space, vec.single_action_space
+            if len(obs_space.shape or ()) != 1 or len(act_space.shape or ()) != 1:
+                raise ValueError(
+                    f"{env_id}: need flat Box observation and action spaces, got "
+                    f"{obs_space} and {act_space}"
+                )
+        except Exception:
+            vec.close()
+            raise
+        self.env_id: str = env_id
+        self.num_envs: int = len(env_fns)
+        self.asynchronous: bool = bool(asynchronous)
+        self.observation_size: int = int(obs_space.shape[0])
+        self.action_size: int = int(act_space.shape[0])
+        self.action_low: np.ndarray = np.asarray(act_space.low, np.float32)
+        self.action_high: np.ndarray = np.asarray(act_space.high, np.float32)
+        self.episode_length: int | None = episode_length
+        self._action_dtype = act_space.dtype
+        self._acc = init_episode_accumulator(self.num_envs)
+        self._closed = False
+
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        """Resets every env; env i is seeded with ``seed + i``.
+
+        Returns:
+          [N, O] float32 observations.
+        """
+        if seed is not None and not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        obs, _ = self._vec.reset(seed=None if seed is None else int(seed))
+        self._acc = init_episode_accumulator(self.num_envs)
+        return np.asarray(obs, dtype=np.float32)
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        """Steps every env with ``actions`` ([N, A]), clipped to the action box."""
+        actions = clip_actions(actions, self.action_low, self.action_high)
+        if actions.shape[0] != self.num_envs:
+            raise ValueError(
+                f"actions must have shape [{self.num_envs}, {self.action_size}], got {actions.shape}"
+            )
+        obs, reward, cost, terminated, truncated, info = self._vec.step(
+            actions.astype(self._action_dtype)
+        )
+        terminated = np.asarray(terminated, dtype=bool)
+        truncated = np.asarray(truncated, dtype=bool)
+        done = terminated | truncated
+        self._acc, episode = accumulate_episodes(self._acc, reward, cost, done)
+        return StepResult(
+            obs=np.asarray(obs, dtype=np.float32),
+            next_obs=true_next_observations(obs, done, info),
+            reward=np.asarray(reward, dtype=np.float32),
+            cost=np.asarray(cost, dtype=np.float32),
+            terminated=terminated,
+            truncated=truncated,
+            episode=episode,
+        )
+
+    def close(self) -> None:
+        """Closes the envs and their worker processes; safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._vec.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "async" if self.asynchronous else "sync"
+        return (
+            f"SafetyGymVectorEnv({self.env_id!r}, num_envs={self.num_envs}, {mode}, "
+            f"obs={self.observation_size}, act={self.action_size})"
+        )
