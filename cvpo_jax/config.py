@@ -199,3 +199,108 @@ def episodic_to_q_threshold(cost_limit: float, gamma: float, episode_length: int
         raise ValueError(f"gamma={gamma!r} must be in (0, 1).")
     t = episode_length
     return cost_limit * (1.0 - gamma**t) / ((1.0 - gamma) * t)
+
+
+def _check_train(cond: bool, field: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"TrainConfig.{field}={value!r} is invalid: must be {allowed}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What the host training loop needs: budget, data collection, update cadence, I/O.
+
+    All counts are in environment steps (one step of one environment). Updates run in
+    chunks: every `update_every` env steps, round(update_every * update_ratio) updates
+    run back to back in one jitted call.
+    """
+
+    env: str = "CarGoal1"
+    seed: int = 0
+    total_steps: int = 20_000
+    num_envs: int = 2
+    async_envs: bool = True
+    warmup_steps: int = 10_000
+    batch_size: int = 256
+    buffer_size: int = 1_000_000
+    update_ratio: float = 0.2
+    update_every: int = 50
+    log_every: int = 2_000
+    checkpoint_every: int = 20_000
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        _check_train(
+            isinstance(self.env, str) and bool(self.env),
+            "env",
+            self.env,
+            "a non-empty environment name",
+        )
+        _check_train(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        for name in (
+            "total_steps",
+            "num_envs",
+            "batch_size",
+            "buffer_size",
+            "update_every",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            v = getattr(self, name)
+            _check_train(_is_int(v) and v >= 1, name, v, "an integer >= 1")
+        _check_train(
+            _is_int(self.warmup_steps) and self.warmup_steps >= 0,
+            "warmup_steps",
+            self.warmup_steps,
+            "an integer >= 0",
+        )
+        _check_train(isinstance(self.async_envs, bool), "async_envs", self.async_envs, "a bool")
+        _check_train(
+            _is_number(self.update_ratio) and self.update_ratio > 0,
+            "update_ratio",
+            self.update_ratio,
+            "a finite number > 0",
+        )
+        _check_train(
+            self.update_every % self.num_envs == 0,
+            "update_every",
+            self.update_every,
+            f"a multiple of num_envs={self.num_envs} (updates run between vector steps)",
+        )
+        _check_train(
+            self.updates_per_chunk >= 1,
+            "update_ratio",
+            self.update_ratio,
+            f"large enough that update_every * update_ratio >= 0.5 "
+            f"(update_every={self.update_every})",
+        )
+        for name in ("total_steps", "warmup_steps", "log_every", "checkpoint_every"):
+            v = getattr(self, name)
+            _check_train(
+                v % self.update_every == 0,
+                name,
+                v,
+                f"a multiple of update_every={self.update_every}",
+            )
+        _check_train(
+            self.buffer_size >= self.batch_size,
+            "buffer_size",
+            self.buffer_size,
+            f">= batch_size={self.batch_size}",
+        )
+        _check_train(
+            self.warmup_steps == 0 or self.warmup_steps >= self.batch_size,
+            "warmup_steps",
+            self.warmup_steps,
+            f"0 or >= batch_size={self.batch_size} (the first batch needs data)",
+        )
+
+    @property
+    def updates_per_chunk(self) -> int:
+        return int(round(self.update_every * self.update_ratio))
+
+    @property
+    def learning_starts(self) -> int:
+        """The env step after which updates run: after warm-up and a first full batch."""
+        return max(self.warmup_steps, self.batch_size)

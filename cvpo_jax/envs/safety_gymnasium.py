@@ -16,6 +16,7 @@ merge (:func:`true_next_observations`) are pure functions of arrays.
 from __future__ import annotations
 
 import functools
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Self
 
@@ -181,13 +182,18 @@ def clip_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.n
     return np.clip(actions, low, high)
 
 
-def make_safety_gym_env(env_id: str, disable_env_checker: bool = True):
+def make_safety_gym_env(env_id: str, disable_env_checker: bool = True, ignore_sigint: bool = False):
     """Makes one safety-gymnasium env (with its time limit) through the compat layer.
 
     Module-level so that it pickles by reference: subprocess workers started
     with "spawn" or "forkserver" re-import this module, which applies the
     compatibility fixes in the worker before safety_gymnasium is imported.
+    With ``ignore_sigint`` (set for subprocess workers) Ctrl-C reaches only the
+    main process, which can then stop at a consistent point and save a checkpoint
+    while the workers are still alive.
     """
+    if ignore_sigint:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     safety_gymnasium = import_safety_gymnasium()
     return safety_gymnasium.make(env_id, disable_env_checker=disable_env_checker)
 
@@ -231,12 +237,17 @@ class SafetyGymVectorEnv:
         safety_gymnasium = import_safety_gymnasium()
         episode_length = safety_gymnasium.utils.registration.spec(env_id).max_episode_steps
         # The env checker runs on env 0 only, as in safety_gymnasium.vector.make.
-        env_fns = [
-            functools.partial(make_safety_gym_env, env_id, disable_env_checker=i > 0)
-            for i in range(num_envs)
-        ]
         if asynchronous is None:
             asynchronous = num_envs > 1
+        env_fns = [
+            functools.partial(
+                make_safety_gym_env,
+                env_id,
+                disable_env_checker=i > 0,
+                ignore_sigint=bool(asynchronous),
+            )
+            for i in range(num_envs)
+        ]
         self._init(env_fns, asynchronous, context, episode_length, env_id)
 
     @classmethod

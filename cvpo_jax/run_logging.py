@@ -1,0 +1,245 @@
+"""Run logging: metrics.csv, TensorBoard event files, and a progress display.
+
+One row per logging interval: env_steps, wall_time, the mean episode_return /
+episode_cost / episode_length of the episodes that ended in the interval (empty if
+none did), and the mean of every update metric over the interval's updates.
+Per-constraint metrics of size M are written as `name` when M = 1, else `name_i`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+METRICS_FILE = "metrics.csv"
+TB_DIR = "tb"
+EPISODE_COLUMNS = ("episode_return", "episode_cost", "episode_length", "episodes")
+BASE_COLUMNS = ("env_steps", "wall_time", "steps_per_s", "updates", *EPISODE_COLUMNS)
+
+
+def flat_metric_names(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Column names for metrics of shape () or (M,)."""
+    names = []
+    for key in sorted(shapes):
+        shape = tuple(shapes[key])
+        if len(shape) == 0 or shape == (1,):
+            names.append(key)
+        elif len(shape) == 1:
+            names.extend(f"{key}_{i}" for i in range(shape[0]))
+        else:
+            raise ValueError(f"metric {key!r} has shape {shape}; expected () or (M,)")
+    return names
+
+
+def flatten_metrics(metrics: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Means over leading update axes of [U] or [U, M] metrics, flattened to floats."""
+    out = {}
+    for key in sorted(metrics):
+        value = np.asarray(metrics[key], np.float64)
+        if value.ndim <= 1:
+            out[key] = float(np.mean(value))
+        else:
+            mean = value.reshape(-1, value.shape[-1]).mean(axis=0)
+            if mean.shape[0] == 1:
+                out[key] = float(mean[0])
+            else:
+                out.update({f"{key}_{i}": float(v) for i, v in enumerate(mean)})
+    return out
+
+
+def first_non_finite(metrics: Mapping[str, np.ndarray]) -> str | None:
+    """The name of the first metric holding NaN or inf, or None."""
+    for key in sorted(metrics):
+        if not np.all(np.isfinite(np.asarray(metrics[key]))):
+            return key
+    return None
+
+
+def truncate_csv(path: Path, max_env_steps: int) -> None:
+    """Drops rows logged after `max_env_steps` (work a resumed run will redo)."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    idx = header.index("env_steps")
+    kept = [r for r in body if r and int(float(r[idx])) <= max_env_steps]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *kept])
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """Accumulates episodes and update metrics; writes a row every logging interval."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        metric_names: list[str],
+        total_steps: int,
+        cost_limit: float,
+        start_step: int = 0,
+        progress: bool | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.columns = [*BASE_COLUMNS, *metric_names]
+        self.total_steps = total_steps
+        self.cost_limit = cost_limit
+        path = self.run_dir / METRICS_FILE
+        truncate_csv(path, start_step)
+        new_file = not path.is_file() or path.stat().st_size == 0
+        if not new_file:
+            with path.open(newline="") as f:
+                header = next(csv.reader(f))
+            if header != self.columns:
+                raise ValueError(
+                    f"{path} has columns {header[:6]}... that do not match this run's; "
+                    "resume with the configuration the run was started with."
+                )
+        self._file = path.open("a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
+        if new_file:
+            self._writer.writeheader()
+            self._file.flush()
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=start_step or None)
+        self._reset_interval()
+        self.last_row: dict[str, float] = {}
+        self._display = _Display(total_steps, start_step, cost_limit, progress)
+
+    def _reset_interval(self) -> None:
+        self._episodes: list[tuple[float, float, float]] = []
+        self._updates: list[dict[str, float]] = []
+
+    def record_episodes(self, done, episode_return, episode_cost, episode_length) -> None:
+        for i in np.flatnonzero(np.asarray(done)):
+            self._episodes.append(
+                (float(episode_return[i]), float(episode_cost[i]), float(episode_length[i]))
+            )
+
+    def record_updates(self, metrics: Mapping[str, np.ndarray]) -> None:
+        self._updates.append(flatten_metrics(metrics))
+
+    def advance(self, env_steps: int) -> None:
+        self._display.advance(env_steps)
+
+    def write_row(self, env_steps: int, wall_time: float, steps_per_s: float, updates: int):
+        row: dict[str, float] = {key: math.nan for key in self.columns}
+        row.update(
+            env_steps=env_steps,
+            wall_time=wall_time,
+            steps_per_s=steps_per_s,
+            updates=updates,
+            episodes=len(self._episodes),
+        )
+        if self._episodes:
+            ret, cost, length = np.mean(np.asarray(self._episodes), axis=0)
+            row.update(episode_return=ret, episode_cost=cost, episode_length=length)
+        if self._updates:
+            keys = self._updates[0].keys()
+            row.update({k: float(np.mean([u[k] for u in self._updates])) for k in keys})
+        self._writer.writerow({k: ("" if _isnan(v) else v) for k, v in row.items()})
+        self._file.flush()
+        for key, value in row.items():
+            if key != "env_steps" and not _isnan(value):
+                self._tb.add_scalar(key, value, global_step=env_steps)
+        self._tb.flush()
+        self.last_row = row
+        self._display.show(row)
+        self._reset_interval()
+        return row
+
+    def message(self, text: str) -> None:
+        self._display.message(text)
+
+    def close(self) -> None:
+        self._display.close()
+        self._tb.close()
+        self._file.close()
+
+
+def _isnan(x) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+class _Display:
+    """A rich progress bar on a terminal; one plain line per row otherwise."""
+
+    def __init__(self, total: int, start: int, cost_limit: float, enabled: bool | None):
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self.cost_limit = cost_limit
+        self._progress = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]CVPO"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[stats]}"),
+                transient=False,
+            )
+            self._task = self._progress.add_task(
+                "train", total=total, completed=start, rate="", stats="warming up"
+            )
+            self._progress.start()
+
+    def advance(self, env_steps: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=env_steps)
+
+    def _summary(self, row: dict) -> str:
+        parts = []
+        if not _isnan(row.get("episode_return", math.nan)):
+            parts.append(f"return {row['episode_return']:.2f}")
+            parts.append(f"cost {row['episode_cost']:.1f}/{self.cost_limit:g}")
+        lam = row.get("lambda", row.get("lambda_0", math.nan))
+        if not _isnan(lam):
+            parts.append(f"lambda {lam:.3g}")
+        return "  ".join(parts) or "warming up"
+
+    def show(self, row: dict) -> None:
+        if self._progress is not None:
+            self._progress.update(
+                self._task,
+                completed=row["env_steps"],
+                rate=f"{row['steps_per_s']:.0f} steps/s",
+                stats=self._summary(row),
+            )
+        else:
+            print(
+                f"[cvpo] step {int(row['env_steps'])}  {row['steps_per_s']:.0f} steps/s  "
+                f"{self._summary(row)}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def message(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,326 @@
+"""The host training loop: Safety-Gymnasium envs stepped on the host, jitted updates.
+
+Per vector step there is one device call (the policy's action for all envs). Every
+`update_every` env steps the collected transitions go to the replay in one call and
+`updates_per_chunk` updates run back to back in one jitted call (sampling included).
+
+Keys are derived, not carried: the action noise at env step t uses
+fold_in(act_key, t) and the update chunk after n updates fold_in(learn_key, n), so a
+resumed run draws the same keys as an uninterrupted one.
+
+Ctrl-C (SIGINT) sets a flag; the loop stops at the next vector step, saves a
+checkpoint of the last consistent point (whole chunks only) and returns. A second
+Ctrl-C interrupts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvpo_jax import checkpoint as ckpt
+from cvpo_jax import replay as replay_lib
+from cvpo_jax.config import CVPOConfig, TrainConfig
+from cvpo_jax.learner import Learner, make_learner
+from cvpo_jax.run_logging import RunLogger, first_non_finite, flat_metric_names
+from cvpo_jax.types import Transition
+
+
+class TrainingDiverged(RuntimeError):
+    """An update produced NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    env_steps: int
+    updates: int
+    status: str  # "completed" or "interrupted"
+    last_row: dict
+
+
+def make_env(cfg: TrainConfig):
+    """The default environment factory: a Safety-Gymnasium vector env."""
+    from cvpo_jax.envs.safety_gymnasium import SafetyGymVectorEnv
+
+    return SafetyGymVectorEnv(
+        cfg.env, cfg.num_envs, asynchronous=cfg.async_envs and cfg.num_envs > 1
+    )
+
+
+def env_reset_seed(seed: int, env_steps: int) -> int:
+    """Reset seed of the envs when (re)starting at `env_steps`: distinct per run seed."""
+    return int(np.random.SeedSequence([seed, env_steps]).generate_state(1)[0] % (2**31 - 1024))
+
+
+def make_jitted_steps(learner: Learner, replay: replay_lib.Replay, updates_per_chunk: int):
+    """(act, add, learn) jitted once for the loop."""
+
+    def act(policy_params, obs, key, env_steps):
+        return learner.act(policy_params, obs, jax.random.fold_in(key, env_steps))
+
+    def learn(state, buffer_state, key, num_updates):
+        batches = replay.sample_many(
+            buffer_state, jax.random.fold_in(key, num_updates), updates_per_chunk
+        )
+        return learner.update_many(state, batches)
+
+    return (
+        jax.jit(act),
+        jax.jit(replay.add, donate_argnums=0),
+        jax.jit(learn, donate_argnums=0),
+    )
+
+
+class _StopFlag:
+    """SIGINT handler: the first Ctrl-C asks the loop to stop, the second interrupts."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        try:
+            previous = signal.signal(signal.SIGINT, self)
+        except ValueError:  # Not the main thread: leave signals alone.
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuses to overwrite a run, or to resume something that is not one."""
+    has_run = (run_dir / ckpt.RUN_FILE).is_file()
+    if resume:
+        ckpt.load_run_spec(run_dir)  # Raises NotARunError with a clear message.
+        if ckpt.latest_step(run_dir) is None:
+            raise ckpt.NotARunError(
+                f"{str(run_dir)!r} has no complete checkpoint to resume from; "
+                "start a new run instead (resume=false)."
+            )
+    elif has_run:
+        raise ValueError(
+            f"run_dir {str(run_dir)!r} already holds a run; pass resume=true to continue it "
+            "or choose another run_dir."
+        )
+
+
+def _check_resumable(saved: ckpt.RunSpec, spec: ckpt.RunSpec) -> None:
+    if saved.algo != spec.algo or saved.env_id != spec.env_id:
+        raise ValueError(
+            "resume=true needs the algorithm configuration and environment the run was "
+            f"started with (saved env {saved.env_id}, algo {saved.algo}); got env "
+            f"{spec.env_id}, algo {spec.algo}."
+        )
+    fixed = ("seed", "num_envs", "batch_size", "update_ratio", "update_every", "warmup_steps")
+    changed = [f for f in fixed if getattr(saved.train, f) != getattr(spec.train, f)]
+    if changed:
+        raise ValueError(f"resume=true cannot change {changed}; they were fixed by the run.")
+
+
+def train(
+    cfg: TrainConfig,
+    algo: CVPOConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    env_factory: Callable[[TrainConfig], object] = make_env,
+    episode_length_from_env: bool = False,
+) -> TrainResult:
+    """Trains CVPO, writing metrics, TensorBoard files and checkpoints to `run_dir`.
+
+    With `episode_length_from_env`, algo.episode_length (which sets the per-step cost
+    threshold) is replaced by the environment's time limit.
+
+    Raises:
+      TrainingDiverged: a metric became NaN/inf (the last good checkpoint is kept).
+      ValueError / NotARunError: a bad run_dir, or a resume that cannot continue.
+    """
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, resume)
+    if algo.num_constraints != 1:
+        raise ValueError(
+            f"cost_limit={algo.cost_limit}: Safety-Gymnasium tasks have one cost signal, "
+            "so exactly one cost limit is allowed."
+        )
+    env = env_factory(cfg)
+    try:
+        if episode_length_from_env:
+            algo = algo.replace(episode_length=int(env.episode_length))
+        return _train(cfg, algo, run_dir, resume, progress, env)
+    finally:
+        env.close()
+
+
+def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
+    spec = ckpt.RunSpec(
+        train=cfg,
+        algo=algo,
+        env_id=env.env_id,
+        obs_size=env.observation_size,
+        action_low=tuple(float(x) for x in env.action_low),
+        action_high=tuple(float(x) for x in env.action_high),
+    )
+    learner = make_learner(algo, spec.obs_size, spec.action_low, spec.action_high)
+    replay = replay_lib.make_replay(
+        cfg.buffer_size, cfg.batch_size, spec.obs_size, len(spec.action_low), 1
+    )
+    act_fn, add_fn, learn_fn = make_jitted_steps(learner, replay, cfg.updates_per_chunk)
+    k_init, k_act, k_learn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+    state = learner.init(k_init)
+    np_rng = np.random.default_rng(cfg.seed)
+    env_steps = updates = 0
+    wall_offset = 0.0
+    if resume:
+        _check_resumable(ckpt.load_run_spec(run_dir), spec)
+        env_steps, state, saved_replay, loop = ckpt.restore_checkpoint(run_dir, state)
+        buffer_state = replay_lib.restore_items(replay, saved_replay)
+        updates = int(loop["updates"])
+        wall_offset = float(loop["wall_time"])
+        np_rng.bit_generator.state = loop["np_rng"]
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        buffer_state = replay.init()
+    ckpt.save_run_spec(run_dir, spec)  # Records e.g. a longer total_steps on resume.
+
+    example = jax.tree.map(lambda x: jnp.zeros((cfg.batch_size, *x.shape), x.dtype), replay.example)
+    shapes = jax.eval_shape(learner.update, state, example)[1]
+    metric_names = flat_metric_names({k: v.shape for k, v in shapes.items()})
+    logger = RunLogger(
+        run_dir,
+        metric_names,
+        cfg.total_steps,
+        algo.cost_limit[0],
+        start_step=env_steps,
+        progress=progress,
+    )
+
+    n, chunk = cfg.num_envs, cfg.update_every
+    staging = {
+        name: np.zeros((chunk, *leaf.shape), np.float32)
+        for name, leaf in replay.example._asdict().items()
+    }
+    low, high = env.action_low, env.action_high
+    last_saved = env_steps if resume else -1
+    stop = _StopFlag()
+    start_time = time.perf_counter()
+    interval_start = (start_time, env_steps)
+
+    def save(at_steps, at_state, at_buffer, at_updates):
+        nonlocal last_saved
+        if not _all_finite(at_state):
+            raise TrainingDiverged(
+                f"the train state holds NaN/inf at env step {at_steps}; not saving it. "
+                f"The last good checkpoint (step {last_saved}) is kept in {run_dir}."
+            )
+        loop = {
+            "updates": at_updates,
+            "wall_time": wall_offset + time.perf_counter() - start_time,
+            "np_rng": np_rng.bit_generator.state,
+        }
+        ckpt.save_checkpoint(
+            run_dir,
+            at_steps,
+            at_state,
+            replay_lib.filled_items(at_buffer),
+            loop,
+            cfg.keep_checkpoints,
+        )
+        last_saved = at_steps
+
+    status = "completed"
+    try:
+        with stop.installed():
+            obs = env.reset(seed=env_reset_seed(cfg.seed, env_steps))
+            while env_steps < cfg.total_steps:
+                # Collect one chunk. On Ctrl-C the partial chunk is dropped, so what is
+                # saved is always whole chunks: buffer, counters and state agree.
+                steps = env_steps
+                for i in range(chunk // n):
+                    if stop.requested:
+                        break
+                    if steps < cfg.warmup_steps:
+                        actions = np_rng.uniform(low, high, size=(n, len(low)))
+                    else:
+                        actions = np.asarray(act_fn(state.policy_params, obs, k_act, steps))
+                    actions = np.clip(actions, low, high).astype(np.float32)
+                    result = env.step(actions)
+                    rows = slice(i * n, (i + 1) * n)
+                    staging["obs"][rows] = obs
+                    staging["action"][rows] = actions
+                    staging["reward"][rows] = result.reward
+                    staging["cost"][rows, 0] = result.cost
+                    staging["next_obs"][rows] = result.next_obs
+                    staging["terminated"][rows] = result.terminated
+                    staging["truncated"][rows] = result.truncated
+                    logger.record_episodes(*result.episode)
+                    obs = result.obs
+                    steps += n
+                if stop.requested:
+                    status = "interrupted"
+                    break
+                buffer_state = add_fn(buffer_state, Transition(**staging))
+                # The staging arrays are refilled next chunk: let the add consume them first.
+                jax.block_until_ready(buffer_state)
+                env_steps = steps
+                if env_steps >= cfg.learning_starts:
+                    state, metrics = learn_fn(state, buffer_state, k_learn, updates)
+                    metrics = jax.device_get(metrics)
+                    bad = first_non_finite(metrics)
+                    if bad is not None:
+                        raise TrainingDiverged(
+                            f"update metric {bad!r} became NaN/inf in the updates after "
+                            f"update {updates} (env step {env_steps}); stopping. The last good "
+                            f"checkpoint (step {last_saved}) is kept in {run_dir}."
+                        )
+                    updates += cfg.updates_per_chunk
+                    logger.record_updates(metrics)
+                logger.advance(env_steps)
+                if env_steps % cfg.log_every == 0 or env_steps >= cfg.total_steps:
+                    now = time.perf_counter()
+                    rate = (env_steps - interval_start[1]) / max(now - interval_start[0], 1e-9)
+                    interval_start = (now, env_steps)
+                    wall = wall_offset + now - start_time
+                    logger.write_row(env_steps, wall, rate, updates)
+                if env_steps % cfg.checkpoint_every == 0 or env_steps >= cfg.total_steps:
+                    save(env_steps, state, buffer_state, updates)
+        if status == "interrupted" and last_saved != env_steps:
+            save(env_steps, state, buffer_state, updates)
+            logger.message(
+                f"Interrupted: saved a checkpoint at env step {env_steps} in {run_dir}; "
+                "continue with resume=true."
+            )
+    finally:
+        logger.close()
+    return TrainResult(run_dir, env_steps, updates, status, logger.last_row)
+
+
+@jax.jit
+def _all_finite_jit(tree) -> jax.Array:
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _all_finite(tree) -> bool:
+    return bool(_all_finite_jit(tree))

@@ -1,0 +1,60 @@
+"""Shared pieces of the command-line entry points: config conversion and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cvpo_jax.config import CVPOConfig, TrainConfig
+
+CLI_KEYS = {"cost_limit", "run_dir", "resume", "progress", "algo"}
+
+
+class UsageError(ValueError):
+    """A bad command line: reported as one line, exit status 2."""
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _unknown(keys, allowed, where: str) -> None:
+    unknown = sorted(set(keys) - set(allowed))
+    if unknown:
+        raise UsageError(
+            f"unknown {where} key(s) {unknown}; allowed: {', '.join(sorted(allowed))}."
+        )
+
+
+def build_configs(
+    cfg: DictConfig, episode_length: int | None = None
+) -> tuple[TrainConfig, CVPOConfig]:
+    """Validated (TrainConfig, CVPOConfig) from the composed command-line config."""
+    data = to_dict(cfg)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    algo_fields = {f.name for f in dataclasses.fields(CVPOConfig)} - {"cost_limit"}
+    _unknown(data, train_fields | CLI_KEYS, "config")
+    algo = dict(data.get("algo") or {})
+    _unknown(algo, algo_fields, "algo")
+    if algo.get("episode_length") is None:
+        algo["episode_length"] = episode_length if episode_length is not None else 1000
+    cost_limit = data["cost_limit"]
+    limits = tuple(cost_limit) if isinstance(cost_limit, (list, tuple)) else (cost_limit,)
+    train = TrainConfig(**{k: v for k, v in data.items() if k in train_fields})
+    return train, CVPOConfig(cost_limit=limits, **algo)
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Runs `main`, turning usage errors into one-line messages and exit status 2."""
+    from cvpo_jax.checkpoint import NotARunError
+
+    try:
+        code = main()
+    except (UsageError, NotARunError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
