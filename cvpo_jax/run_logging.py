@@ -53,12 +53,10 @@ def flatten_metrics(metrics: Mapping[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-def first_non_finite(metrics: Mapping[str, np.ndarray]) -> str | None:
-    """The name of the first metric holding NaN or inf, or None."""
-    for key in sorted(metrics):
-        if not np.all(np.isfinite(np.asarray(metrics[key]))):
-            return key
-    return None
+def non_finite_metrics(metrics: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the metrics holding NaN or inf, critic metrics first (where NaN starts)."""
+    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v)))]
+    return sorted(bad, key=lambda k: (not k.startswith(("critic", "q_")), k))
 
 
 def truncate_csv(path: Path, max_env_steps: int) -> None:

@@ -30,7 +30,7 @@ from cvpo_jax import checkpoint as ckpt
 from cvpo_jax import replay as replay_lib
 from cvpo_jax.config import CVPOConfig, TrainConfig
 from cvpo_jax.learner import Learner, make_learner
-from cvpo_jax.run_logging import RunLogger, first_non_finite, flat_metric_names
+from cvpo_jax.run_logging import RunLogger, flat_metric_names, non_finite_metrics
 from cvpo_jax.types import Transition
 
 
@@ -283,10 +283,10 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                 if env_steps >= cfg.learning_starts:
                     state, metrics = learn_fn(state, buffer_state, k_learn, updates)
                     metrics = jax.device_get(metrics)
-                    bad = first_non_finite(metrics)
-                    if bad is not None:
+                    bad = non_finite_metrics(metrics)
+                    if bad:
                         raise TrainingDiverged(
-                            f"update metric {bad!r} became NaN/inf in the updates after "
+                            f"update metrics {', '.join(bad)} became NaN/inf in the updates after "
                             f"update {updates} (env step {env_steps}); stopping. The last good "
                             f"checkpoint (step {last_saved}) is kept in {run_dir}."
                         )

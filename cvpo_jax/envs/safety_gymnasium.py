@@ -323,7 +323,8 @@ class SafetyGymVectorEnv:
         actions = clip_actions(actions, self.action_low, self.action_high)
         if actions.shape[0] != self.num_envs:
             raise ValueError(
-                f"actions must have shape [{self.num_envs}, {self.action_size}], got {actions.shape}"
+                f"actions must have shape [{self.num_envs}, {self.action_size}], "
+                f"got {actions.shape}"
             )
         obs, reward, cost, terminated, truncated, info = self._vec.step(
             actions.astype(self._action_dtype)
