@@ -316,6 +316,20 @@ _POST_IMPORT_PATCHES: tuple[Callable[[], None], ...] = (
 _lock = threading.Lock()
 
 
+def _silence_import_notices() -> None:
+    """Drops the notices gymnasium / gymnasium-robotics print to stderr on import.
+
+    They concern environments this project does not use (e.g. Adroit reward changes)
+    and would otherwise open every command's output and every worker's start.
+    """
+    try:
+        from farama_notifications import notifications
+    except ImportError:
+        return
+    for package in ("gymnasium", "gymnasium_robotics"):
+        notifications.pop(package, None)
+
+
 def import_safety_gymnasium() -> types.ModuleType:
     """Returns the ``safety_gymnasium`` module with all five fixes applied.
 
@@ -331,6 +345,7 @@ def import_safety_gymnasium() -> types.ModuleType:
     with _lock:
         _check_not_imported_unpatched()
         _install_finder()
+        _silence_import_notices()
         module = importlib.import_module("safety_gymnasium")
         for name in SOURCE_PATCHES:
             importlib.import_module(name)

@@ -1,0 +1,451 @@
+"""Evaluation of a trained policy: full episodes on one Safety-Gymnasium env, optional video.
+
+    learner, policy_params, spec, step = load_policy("runs/CarGoal1/seed0-...")
+    result = evaluate_policy(learner, policy_params, spec.env_id, episodes=10, seed=0)
+    result.return_mean, result.cost_mean, result.returns   # [E] per episode
+
+The env is a single in-process env (no worker processes, so nothing forks after JAX
+has started its threads; only the video writer starts ffmpeg, by fork and exec). By
+default the policy acts with its mean action (clipped to the action box);
+``deterministic=False`` samples from it instead.
+
+Headless video: MuJoCo renders through an OpenGL backend picked by the ``MUJOCO_GL``
+environment variable. Importing this module sets ``MUJOCO_GL=osmesa`` (software
+rendering, Debian package ``libosmesa6``) when the variable is unset, no display is
+available and libOSMesa is installed; see :func:`configure_headless_rendering`.
+gymnasium reads the variable only when the first renderer is created, so setting it
+after ``import mujoco`` still works, as long as no OpenGL platform was loaded before
+(e.g. by an earlier render with another backend). Entry points should import this
+module (or call the function) before anything renders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_HEADLESS_BACKEND = "osmesa"
+
+
+def configure_headless_rendering() -> str | None:
+    """Sets ``MUJOCO_GL=osmesa`` when it is unset, headless and OSMesa is installed.
+
+    Returns the backend that rendering will use (the value of ``MUJOCO_GL``), or
+    None if it is unset (MuJoCo/gymnasium then try GLFW, which needs a display).
+    """
+    if not os.environ.get("MUJOCO_GL"):
+        headless = not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+        if sys.platform.startswith("linux") and headless and osmesa_available():
+            os.environ["MUJOCO_GL"] = _HEADLESS_BACKEND
+    return os.environ.get("MUJOCO_GL") or None
+
+
+def osmesa_available() -> bool:
+    """Whether the OSMesa library (software OpenGL) can be found."""
+    import ctypes.util
+
+    return ctypes.util.find_library("OSMesa") is not None
+
+
+configure_headless_rendering()
+
+import jax  # noqa: E402
+
+from cvpo_jax import checkpoint as ckpt  # noqa: E402
+from cvpo_jax.learner import Learner, make_learner  # noqa: E402
+
+# Rendering defaults: "track" follows the agent from behind and above.
+VIDEO_CAMERA = "track"
+VIDEO_SIZE = (256, 256)
+
+
+class RenderError(RuntimeError):
+    """Rendering a video frame failed (usually no OpenGL backend for MUJOCO_GL)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """Per-episode results of an evaluation ([E] arrays, E = episodes).
+
+    ``lengths`` are env steps per episode. An episode cut off by ``max_steps``
+    (not by the env) has ``complete`` False.
+    """
+
+    env_id: str
+    seed: int
+    deterministic: bool
+    returns: np.ndarray
+    costs: np.ndarray
+    lengths: np.ndarray
+    complete: np.ndarray
+    max_steps: int | None = None
+    video_path: str | None = None
+
+    @property
+    def episodes(self) -> int:
+        return int(self.returns.shape[0])
+
+    @property
+    def return_mean(self) -> float:
+        return float(np.mean(self.returns))
+
+    @property
+    def return_std(self) -> float:
+        return float(np.std(self.returns))
+
+    @property
+    def cost_mean(self) -> float:
+        return float(np.mean(self.costs))
+
+    @property
+    def cost_std(self) -> float:
+        return float(np.std(self.costs))
+
+    @property
+    def length_mean(self) -> float:
+        return float(np.mean(self.lengths))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "env_id": self.env_id,
+            "episodes": self.episodes,
+            "seed": self.seed,
+            "deterministic": self.deterministic,
+            "max_steps": self.max_steps,
+            "return_mean": self.return_mean,
+            "return_std": self.return_std,
+            "cost_mean": self.cost_mean,
+            "cost_std": self.cost_std,
+            "length_mean": self.length_mean,
+            "returns": [float(x) for x in self.returns],
+            "costs": [float(x) for x in self.costs],
+            "lengths": [int(x) for x in self.lengths],
+            "complete": [bool(x) for x in self.complete],
+            "video_path": self.video_path,
+        }
+
+
+def load_policy(run_dir: str | os.PathLike, step: int | None = None):
+    """Rebuilds a run's learner from run.json and restores its policy.
+
+    Only the train state is restored (not the replay buffer).
+
+    Returns:
+      (learner, policy_params, spec, step): ``spec`` is the run's RunSpec and
+      ``step`` the env step of the restored checkpoint (the newest by default).
+
+    Raises:
+      NotARunError: no run.json, an unreadable run.json, no checkpoint, or no
+        checkpoint at ``step`` (the message lists the available steps).
+    """
+    run_dir = Path(run_dir)
+    try:
+        spec = ckpt.load_run_spec(run_dir)
+    except ckpt.NotARunError:
+        raise
+    except (ValueError, KeyError, TypeError) as err:
+        raise ckpt.NotARunError(
+            f"{str(run_dir)!r} has an unreadable {ckpt.RUN_FILE} ({type(err).__name__}: {err})."
+        ) from err
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise ckpt.NotARunError(f"{str(run_dir)!r} holds no complete checkpoint to evaluate.")
+    if step is not None and step not in steps:
+        raise ckpt.NotARunError(
+            f"{str(run_dir)!r} has no checkpoint at step {step}; available steps: "
+            f"{', '.join(map(str, steps))}."
+        )
+    learner = make_learner(spec.algo, spec.obs_size, spec.action_low, spec.action_high)
+    like = learner.init(jax.random.PRNGKey(0))
+    step, state, _, _ = ckpt.restore_checkpoint(run_dir, like, step=step, with_replay=False)
+    return learner, state.policy_params, spec, int(step)
+
+
+def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
+    """The env steps of the complete checkpoints of a run, ascending."""
+    directory = Path(run_dir) / ckpt.CHECKPOINT_DIR
+    if not directory.is_dir():
+        return []
+    # Orbax writes to a temporary name and renames on completion: a bare integer
+    # name is a finished checkpoint.
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _make_env(env_id: str, render: dict | None):
+    from cvpo_jax.envs.safety_gymnasium import make_safety_gym_env
+
+    if render is None:
+        return make_safety_gym_env(env_id, disable_env_checker=True)
+    from cvpo_jax.envs.safety_gymnasium_compat import import_safety_gymnasium
+
+    return import_safety_gymnasium().make(env_id, disable_env_checker=True, **render)
+
+
+def _free_renderers(env) -> None:
+    """Frees the env's offscreen GL contexts now (safety-gymnasium's close does not).
+
+    Left to the interpreter's shutdown, their finalisers run after the OpenGL
+    modules are torn down and print tracebacks.
+    """
+    task = getattr(env.unwrapped, "task", None)
+    viewers = getattr(task, "_viewers", None)
+    if not viewers:
+        return
+    for viewer in viewers.values():
+        free = getattr(viewer, "free", None)
+        if free is not None:
+            try:
+                free()
+            finally:
+                # Freed: make the finaliser's second free a no-op on a null context.
+                ctx = getattr(viewer, "opengl_context", None)
+                if ctx is not None and hasattr(ctx, "free"):
+                    ctx.free = lambda: None
+    viewers.clear()
+    task.viewer = None
+    gc.collect()
+
+
+def evaluate_policy(
+    learner: Learner,
+    policy_params,
+    env_id: str,
+    episodes: int,
+    seed: int,
+    deterministic: bool = True,
+    video_path: str | os.PathLike | None = None,
+    video_episodes: int = 1,
+    max_steps: int | None = None,
+    *,
+    video_camera: str = VIDEO_CAMERA,
+    video_size: tuple[int, int] = VIDEO_SIZE,
+) -> EvalResult:
+    """Runs ``episodes`` full episodes of the policy and returns their returns and costs.
+
+    Episode i starts from ``env.reset(seed=seed + i)``; a stochastic policy's noise at
+    the t-th step of the evaluation uses ``fold_in(PRNGKey(seed), t)``, so a given
+    seed always gives the same numbers on the same machine.
+
+    Args:
+      learner, policy_params: e.g. from :func:`load_policy`.
+      env_id: short name or full id (see ``cvpo_jax.envs.registry.resolve_env_id``).
+      episodes: E >= 1.
+      seed: reset seed of the first episode and key of the policy noise.
+      deterministic: act with the mean action (else sample); clipped to the box.
+      video_path: write an mp4 of the first ``video_episodes`` episodes here.
+      max_steps: cap on the steps of each episode (tests); None: until the env
+        terminates or truncates it.
+      video_camera, video_size: camera name and (width, height) of the video.
+
+    Raises:
+      ValueError: a bad argument, or an env whose spaces do not fit the policy.
+      RenderError: rendering failed (with a hint about MUJOCO_GL).
+    """
+    from cvpo_jax.envs.registry import resolve_env_id
+
+    if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
+        raise ValueError(f"episodes={episodes!r} must be an integer >= 1.")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an integer >= 0.")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps={max_steps!r} must be null or an integer >= 1.")
+    recording = video_path is not None and video_episodes > 0
+    if video_path is not None and (not isinstance(video_episodes, int) or video_episodes < 0):
+        raise ValueError(f"video_episodes={video_episodes!r} must be an integer >= 0.")
+    env_id = resolve_env_id(env_id)
+    render = None
+    if recording:
+        configure_headless_rendering()
+        width, height = (int(x) for x in video_size)
+        render = {
+            "render_mode": "rgb_array",
+            "width": width,
+            "height": height,
+            "camera_name": video_camera,
+        }
+    env = _make_env(env_id, render)
+    writer = None
+    partial = None
+    try:
+        obs_space, act_space = env.observation_space, env.action_space
+        obs_size = learner.networks.obs_size
+        if tuple(obs_space.shape) != (obs_size,):
+            raise ValueError(
+                f"{env_id} has observations of shape {obs_space.shape}; the policy takes "
+                f"({obs_size},)."
+            )
+        low = np.asarray(act_space.low, np.float32)
+        high = np.asarray(act_space.high, np.float32)
+        if low.shape != (learner.networks.action_size,):
+            raise ValueError(
+                f"{env_id} has actions of shape {low.shape}; the policy gives "
+                f"({learner.networks.action_size},)."
+            )
+        if recording:
+            env.reset(seed=seed)  # Builds the world, whose cameras can then be checked.
+            _check_camera(env, video_camera)
+            video_path = Path(video_path)
+            video_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = video_path.with_name(video_path.stem + ".partial" + video_path.suffix)
+            fps = int(env.metadata.get("render_fps", 30))
+            writer = _VideoWriter(partial, fps)
+
+        key = jax.random.PRNGKey(seed)
+        returns = np.zeros(episodes, np.float64)
+        costs = np.zeros(episodes, np.float64)
+        lengths = np.zeros(episodes, np.int64)
+        complete = np.zeros(episodes, bool)
+        t = 0
+        for ep in range(episodes):
+            obs, _ = env.reset(seed=seed + ep)
+            record = writer is not None and ep < video_episodes
+            if record:
+                writer.append(_render(env))
+            done = False
+            while not done and (max_steps is None or lengths[ep] < max_steps):
+                obs_batch = np.asarray(obs, np.float32).reshape(1, -1)
+                action = learner.act(
+                    policy_params, obs_batch, jax.random.fold_in(key, t), deterministic
+                )
+                action = np.clip(np.asarray(action, np.float32)[0], low, high)
+                obs, reward, cost, terminated, truncated, _ = env.step(
+                    action.astype(act_space.dtype)
+                )
+                returns[ep] += float(reward)
+                costs[ep] += float(cost)
+                lengths[ep] += 1
+                t += 1
+                done = bool(terminated or truncated)
+                if record:
+                    writer.append(_render(env))
+            complete[ep] = done
+        if writer is not None:
+            writer.close()
+            writer = None
+            os.replace(partial, video_path)
+            partial = None
+    finally:
+        if writer is not None:
+            writer.close()
+        if partial is not None and partial.exists():
+            partial.unlink()
+        if render is not None:
+            _free_renderers(env)
+        env.close()
+    return EvalResult(
+        env_id=env_id,
+        seed=seed,
+        deterministic=bool(deterministic),
+        returns=returns,
+        costs=costs,
+        lengths=lengths,
+        complete=complete,
+        max_steps=max_steps,
+        video_path=str(video_path) if recording else None,
+    )
+
+
+class _VideoWriter:
+    """An mp4 writer (imageio + ffmpeg) fed one RGB frame at a time."""
+
+    def __init__(self, path: Path, fps: int):
+        import imageio.v2 as imageio
+
+        # libx264 with yuv420p needs even sides: other sizes are padded to a multiple of 2.
+        self._writer = imageio.get_writer(
+            str(path),
+            format="FFMPEG",
+            mode="I",
+            fps=fps,
+            codec="libx264",
+            pixelformat="yuv420p",
+            macro_block_size=2,
+            quality=7,
+        )
+        self._started = False
+
+    def append(self, frame: np.ndarray) -> None:
+        if self._started:
+            self._writer.append_data(frame)
+            return
+        # The first frame starts the ffmpeg process. subprocess forks and execs at
+        # once (in C), which cannot deadlock on JAX's threads; JAX's fork hook warns
+        # about every fork regardless, so that one warning is silenced here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
+            self._writer.append_data(frame)
+        self._started = True
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _check_camera(env, name: str) -> None:
+    import mujoco
+
+    model = env.unwrapped.task.model
+    cameras = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)]
+    if name not in cameras:
+        raise ValueError(f"video_camera={name!r} is not a camera of this env; one of {cameras}.")
+
+
+def _render(env) -> np.ndarray:
+    try:
+        frame = env.render()
+    except Exception as err:  # The GL backends raise many types; re-raise with a hint.
+        backend = os.environ.get("MUJOCO_GL") or "unset (GLFW, needs a display)"
+        raise RenderError(
+            f"rendering failed with MUJOCO_GL={backend}: {type(err).__name__}: {err}. "
+            "Headless machines need MUJOCO_GL=osmesa (Debian/Ubuntu package libosmesa6) or "
+            "MUJOCO_GL=egl, set before anything renders."
+        ) from err
+    return np.asarray(frame, np.uint8)
+
+
+def summarize_training(metrics_path: str | os.PathLike) -> dict[str, float] | None:
+    """The last metrics.csv row with finished episodes (training-time numbers), or None."""
+    import csv
+
+    path = Path(metrics_path)
+    if not path.is_file():
+        return None
+    last = None
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("episode_return"):
+                last = row
+    if last is None:
+        return None
+    return {
+        "env_steps": int(float(last["env_steps"])),
+        "episode_return": float(last["episode_return"]),
+        "episode_cost": float(last["episode_cost"]),
+        "episode_length": float(last["episode_length"]),
+        "episodes": int(float(last["episodes"])),
+    }
+
+
+def write_result(path: str | os.PathLike, data: dict) -> None:
+    """Writes ``data`` as JSON atomically (creating the parent directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json_atomic(path, data)
+
+
+__all__ = [
+    "EvalResult",
+    "RenderError",
+    "checkpoint_steps",
+    "configure_headless_rendering",
+    "evaluate_policy",
+    "load_policy",
+    "summarize_training",
+    "write_result",
+]

@@ -1,0 +1,123 @@
+"""The training command line: config defaults, bad input, and an end-to-end CarGoal1 run."""
+
+import csv
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cvpo_jax.config import CVPOConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "experiments" / "conf" / "train.yaml"
+TINY_ALGO = [
+    "algo.hidden_sizes=[32,32]",
+    "algo.num_samples=8",
+    "algo.dual_steps=5",
+    "algo.mstep_steps=2",
+]
+
+
+def run_train(*args, cwd, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_yaml_defaults_equal_the_dataclass_defaults():
+    conf = yaml.safe_load(CONF.read_text())
+    for f in dataclasses.fields(TrainConfig):
+        assert conf[f.name] == f.default, f.name
+    algo_default = CVPOConfig()
+    for f in dataclasses.fields(CVPOConfig):
+        if f.name == "cost_limit":
+            assert (conf["cost_limit"],) == algo_default.cost_limit
+        elif f.name == "episode_length":
+            assert conf["algo"][f.name] is None  # Taken from the environment.
+        else:
+            value = conf["algo"][f.name]
+            expected = getattr(algo_default, f.name)
+            assert (tuple(value) if isinstance(value, list) else value) == expected, f.name
+    assert set(conf["algo"]) == {f.name for f in dataclasses.fields(CVPOConfig)} - {"cost_limit"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["env=CarGoal9"], "CarGoal"),  # Unknown env: names close matches.
+        (["cost_limit=-1"], "cost_limit"),
+        (["algo.gamma=1.5"], "gamma"),
+        (["total_steps=1234"], "total_steps"),
+        (["num_envs=0"], "num_envs"),
+    ],
+)
+def test_bad_values_fail_early_with_a_clear_message(tmp_path, args, message):
+    proc = run_train(*args, f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "error:" in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # Nothing half-written.
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    proc = run_train("not_a_key=3", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "not_a_key" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    proc = run_train("algo.not_a_knob=3", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode != 0 and "not_a_knob" in proc.stderr
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    proc = run_train(f"run_dir={tmp_path / 'run'}", "resume=true", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "not a cvpo-jax run" in proc.stderr
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_end_to_end_cargoal1_train_and_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    common = [
+        "env=CarGoal1",
+        "warmup_steps=1000",
+        "log_every=500",
+        "checkpoint_every=500",
+        "progress=false",
+        f"run_dir={run_dir}",
+        *TINY_ALGO,
+    ]
+    proc = run_train(*common, "total_steps=2000", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "completed at env step 2000" in proc.stderr
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["env_steps"]) for r in rows] == [500, 1000, 1500, 2000]
+    assert float(rows[-1]["eta"]) > 0 and rows[-1]["lambda"] != ""
+    # CarGoal1 episodes are 1000 steps: the 2 envs both finish one at env step 2000.
+    assert [int(r["episodes"]) for r in rows] == [0, 0, 0, 2]
+    assert float(rows[-1]["episode_length"]) == 1000
+    assert 0 <= float(rows[-1]["episode_cost"]) <= 1000
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "2000").is_dir()
+    assert (run_dir / "run.json").is_file()
+    assert not list(tmp_path.glob("MUJOCO_LOG.TXT"))
+    # Resume continues from the checkpoint to a larger budget.
+    proc = run_train(*common, "total_steps=2500", "resume=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "completed at env step 2500" in proc.stderr
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["env_steps"]) for r in rows] == [500, 1000, 1500, 2000, 2500]
+    assert int(rows[-1]["updates"]) == int(rows[-2]["updates"]) + 100  # 500 steps x 0.2.
