@@ -193,7 +193,7 @@ def episodic_to_q_threshold(cost_limit: float, gamma: float, episode_length: int
     A policy spending the budget uniformly pays ``cost_limit / T`` per step, whose
     discounted sum over T steps is ``cost_limit * (1 - gamma^T) / ((1 - gamma) * T)``.
     """
-    if episode_length < 1:
+    if not _is_int(episode_length) or episode_length < 1:
         raise ValueError(f"episode_length={episode_length!r} must be an integer >= 1.")
     if not 0.0 < gamma < 1.0:
         raise ValueError(f"gamma={gamma!r} must be in (0, 1).")

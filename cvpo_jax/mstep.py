@@ -30,6 +30,8 @@ _sg = jax.lax.stop_gradient
 def gaussian_kl(mean_p, tril_p, mean_q, tril_q) -> chex.Array:
     """KL(N(mean_p, tril_p tril_p^T) || N(mean_q, tril_q tril_q^T)); [B, A], [B, A, A] -> [B]."""
     chex.assert_rank([mean_p, tril_p, mean_q, tril_q], [2, 3, 2, 3])
+    chex.assert_equal_shape([mean_p, mean_q])
+    chex.assert_equal_shape([tril_p, tril_q])
     return policy_distribution(mean_p, tril_p).kl_divergence(policy_distribution(mean_q, tril_q))
 
 
@@ -60,6 +62,7 @@ def decoupled_log_likelihood(
     """
     chex.assert_rank([actions, weights, mean, tril], [3, 2, 2, 3])
     chex.assert_equal_shape_prefix([actions, weights], 2)
+    chex.assert_equal_shape_prefix([actions, mean, tril], 1)
     chex.assert_equal_shape([mean, mean_old])
     chex.assert_equal_shape([tril, tril_old])
     mean_old, tril_old, weights = _sg((mean_old, tril_old, weights))

@@ -55,7 +55,8 @@ class GaussianPolicy(nn.Module):
         scale_tril = diag[..., :, None] * jnp.eye(num_actions, dtype=diag.dtype)
         if self.full_covariance and num_actions > 1:
             rows, cols = np.tril_indices(num_actions, k=-1)
-            off_diag = nn.Dense(len(rows), kernel_init=_HEAD_INIT, name="off_diag")(x)
+            # Zero-initialised so the initial covariance is diagonal with std init_std.
+            off_diag = nn.Dense(len(rows), kernel_init=nn.initializers.zeros, name="off_diag")(x)
             scale_tril = scale_tril.at[..., rows, cols].set(off_diag)
         return mean, scale_tril
 
@@ -146,7 +147,7 @@ def make_networks(
     """Builds the networks for observations of size O and a finite action box [A]."""
     low = tuple(float(x) for x in np.asarray(action_low, np.float64).reshape(-1))
     high = tuple(float(x) for x in np.asarray(action_high, np.float64).reshape(-1))
-    if not isinstance(obs_size, (int, np.integer)) or obs_size < 1:
+    if isinstance(obs_size, bool) or not isinstance(obs_size, (int, np.integer)) or obs_size < 1:
         raise ValueError(f"obs_size={obs_size!r} must be a positive integer.")
     if len(low) != len(high) or not low:
         raise ValueError(
