@@ -22,6 +22,7 @@ module (or call the function) before anything renders.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import os
 import sys
@@ -47,11 +48,22 @@ def configure_headless_rendering() -> str | None:
     return os.environ.get("MUJOCO_GL") or None
 
 
+@functools.cache
 def osmesa_available() -> bool:
-    """Whether the OSMesa library (software OpenGL) can be found."""
-    import ctypes.util
+    """Whether the OSMesa library (software OpenGL) can be loaded.
 
-    return ctypes.util.find_library("OSMesa") is not None
+    Tries the library by name (dlopen) rather than ``ctypes.util.find_library``,
+    which runs ``ldconfig`` in a subprocess.
+    """
+    import ctypes
+
+    for name in ("libOSMesa.so.8", "libOSMesa.so.6", "libOSMesa.so"):
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
 
 
 configure_headless_rendering()
@@ -181,11 +193,7 @@ def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
 def _make_env(env_id: str, render: dict | None):
     from cvpo_jax.envs.safety_gymnasium import make_safety_gym_env
 
-    if render is None:
-        return make_safety_gym_env(env_id, disable_env_checker=True)
-    from cvpo_jax.envs.safety_gymnasium_compat import import_safety_gymnasium
-
-    return import_safety_gymnasium().make(env_id, disable_env_checker=True, **render)
+    return make_safety_gym_env(env_id, disable_env_checker=True, **(render or {}))
 
 
 def _free_renderers(env) -> None:
@@ -256,9 +264,9 @@ def evaluate_policy(
         raise ValueError(f"seed={seed!r} must be an integer >= 0.")
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
         raise ValueError(f"max_steps={max_steps!r} must be null or an integer >= 1.")
-    recording = video_path is not None and video_episodes > 0
     if video_path is not None and (not isinstance(video_episodes, int) or video_episodes < 0):
         raise ValueError(f"video_episodes={video_episodes!r} must be an integer >= 0.")
+    recording = video_path is not None and video_episodes > 0
     env_id = resolve_env_id(env_id)
     render = None
     if recording:

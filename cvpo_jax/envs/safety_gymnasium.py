@@ -182,7 +182,9 @@ def clip_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.n
     return np.clip(actions, low, high)
 
 
-def make_safety_gym_env(env_id: str, disable_env_checker: bool = True, ignore_sigint: bool = False):
+def make_safety_gym_env(
+    env_id: str, disable_env_checker: bool = True, ignore_sigint: bool = False, **make_kwargs
+):
     """Makes one safety-gymnasium env (with its time limit) through the compat layer.
 
     Module-level so that it pickles by reference: subprocess workers started
@@ -190,12 +192,13 @@ def make_safety_gym_env(env_id: str, disable_env_checker: bool = True, ignore_si
     compatibility fixes in the worker before safety_gymnasium is imported.
     With ``ignore_sigint`` (set for subprocess workers) Ctrl-C reaches only the
     main process, which can then stop at a consistent point and save a checkpoint
-    while the workers are still alive.
+    while the workers are still alive. Other keyword arguments (e.g. render_mode,
+    width, height, camera_name) go to ``safety_gymnasium.make``.
     """
     if ignore_sigint:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     safety_gymnasium = import_safety_gymnasium()
-    return safety_gymnasium.make(env_id, disable_env_checker=disable_env_checker)
+    return safety_gymnasium.make(env_id, disable_env_checker=disable_env_checker, **make_kwargs)
 
 
 class SafetyGymVectorEnv:

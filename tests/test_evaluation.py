@@ -1,0 +1,231 @@
+"""Policy evaluation on a tiny real CarGoal1 run: loading, episodes, determinism, video, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cvpo_jax import checkpoint as ckpt
+from cvpo_jax.config import CVPOConfig, TrainConfig
+from cvpo_jax.evaluation import (
+    checkpoint_steps,
+    evaluate_policy,
+    load_policy,
+    osmesa_available,
+    summarize_training,
+)
+from cvpo_jax.train_loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = TrainConfig(
+    env="CarGoal1",
+    total_steps=400,
+    warmup_steps=300,
+    batch_size=32,
+    update_every=50,
+    update_ratio=0.1,
+    log_every=100,
+    checkpoint_every=200,
+    num_envs=1,
+    buffer_size=1000,
+)
+ALGO = CVPOConfig(
+    hidden_sizes=(16, 16),
+    num_samples=4,
+    dual_steps=2,
+    mstep_steps=1,
+    num_reward_critics=1,
+    num_cost_critics=1,
+)
+MAX_STEPS = 50
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished 400-step CarGoal1 run with checkpoints at steps 200 and 400."""
+    path = tmp_path_factory.mktemp("evalrun") / "run"
+    result = train(CFG, ALGO, path, progress=False)
+    assert result.status == "completed"
+    return path
+
+
+@pytest.fixture(scope="module")
+def policy(run_dir):
+    return load_policy(run_dir)
+
+
+def run_cli(module, *args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_load_policy_rebuilds_learner_from_run_json(run_dir, policy):
+    learner, params, spec, step = policy
+    assert step == 400
+    assert spec.env_id == "SafetyCarGoal1-v0"
+    assert learner.cfg == spec.algo
+    assert learner.networks.obs_size == spec.obs_size
+    assert checkpoint_steps(run_dir) == [200, 400]
+    # An older checkpoint holds other parameters.
+    _, old_params, _, old_step = load_policy(run_dir, step=200)
+    assert old_step == 200
+    leaves = zip(jax_leaves(params), jax_leaves(old_params), strict=True)
+    assert any(not np.array_equal(a, b) for a, b in leaves)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_load_policy_errors_name_the_run(run_dir, tmp_path):
+    with pytest.raises(ckpt.NotARunError, match="available steps: 200, 400"):
+        load_policy(run_dir, step=300)
+    with pytest.raises(ckpt.NotARunError, match=str(tmp_path)):
+        load_policy(tmp_path)
+
+
+def test_evaluate_shapes_finite_and_reproducible(policy):
+    learner, params, spec, _ = policy
+    first = evaluate_policy(learner, params, spec.env_id, episodes=2, seed=3, max_steps=MAX_STEPS)
+    for values in (first.returns, first.costs, first.lengths):
+        assert values.shape == (2,)
+        assert np.all(np.isfinite(values))
+    np.testing.assert_array_equal(first.lengths, [MAX_STEPS, MAX_STEPS])
+    assert not first.complete.any()  # Cut by max_steps, not ended by the env.
+    assert np.all(first.costs >= 0)
+    assert first.return_mean == pytest.approx(np.mean(first.returns))
+    assert first.cost_std == pytest.approx(np.std(first.costs))
+    assert first.deterministic and first.video_path is None
+    data = json.loads(json.dumps(first.to_json()))
+    assert data["returns"] == list(first.returns) and data["episodes"] == 2
+
+    again = evaluate_policy(learner, params, "CarGoal1", episodes=2, seed=3, max_steps=MAX_STEPS)
+    np.testing.assert_array_equal(again.returns, first.returns)
+    np.testing.assert_array_equal(again.costs, first.costs)
+
+
+def test_stochastic_evaluation_is_seeded(policy):
+    learner, params, spec, _ = policy
+    kwargs = dict(episodes=1, seed=5, max_steps=20, deterministic=False)
+    a = evaluate_policy(learner, params, spec.env_id, **kwargs)
+    b = evaluate_policy(learner, params, spec.env_id, **kwargs)
+    assert not a.deterministic
+    np.testing.assert_array_equal(a.returns, b.returns)
+    mean_action = evaluate_policy(learner, params, spec.env_id, episodes=1, seed=5, max_steps=20)
+    assert mean_action.returns[0] != a.returns[0]
+
+
+def test_evaluate_rejects_bad_arguments(policy):
+    learner, params, spec, _ = policy
+    with pytest.raises(ValueError, match="episodes=0"):
+        evaluate_policy(learner, params, spec.env_id, episodes=0, seed=0)
+    with pytest.raises(ValueError, match="max_steps=0"):
+        evaluate_policy(learner, params, spec.env_id, episodes=1, seed=0, max_steps=0)
+    with pytest.raises(ValueError, match="observations of shape"):
+        evaluate_policy(learner, params, "PointGoal1", episodes=1, seed=0, max_steps=5)
+
+
+def test_summarize_training_reads_last_row_with_episodes(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text(
+        "env_steps,wall_time,steps_per_s,updates,episode_return,episode_cost,"
+        "episode_length,episodes\n"
+        "1000,1,1,0,2.5,30,1000,2\n"
+        "1500,2,1,5,,,,0\n"
+    )
+    assert summarize_training(path) == {
+        "env_steps": 1000,
+        "episode_return": 2.5,
+        "episode_cost": 30.0,
+        "episode_length": 1000.0,
+        "episodes": 2,
+    }
+    assert summarize_training(tmp_path / "missing.csv") is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not osmesa_available(), reason="OSMesa (libosmesa6) is not installed")
+def test_video_is_written(policy, tmp_path):
+    if os.environ.get("MUJOCO_GL") not in ("osmesa", "egl"):
+        pytest.skip(f"no headless GL backend configured (MUJOCO_GL={os.environ.get('MUJOCO_GL')})")
+    learner, params, spec, _ = policy
+    video = tmp_path / "clips" / "clip.mp4"
+    result = evaluate_policy(
+        learner, params, spec.env_id, episodes=2, seed=0, max_steps=20, video_path=video
+    )
+    assert result.video_path == str(video)
+    data = video.read_bytes()
+    assert len(data) > 1000
+    assert data[4:8] == b"ftyp"  # An MP4 container.
+    assert sorted(p.name for p in video.parent.iterdir()) == ["clip.mp4"]  # No partial file.
+    np.testing.assert_array_equal(result.lengths, [20, 20])
+
+
+def test_cli_not_a_run_exits_2_and_writes_nothing(tmp_path):
+    target = tmp_path / "not-a-run"
+    target.mkdir()
+    proc = run_cli("experiments.evaluate", f"run_dir={target}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(target) in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_cli_evaluates_and_writes_json(run_dir, tmp_path):
+    proc = run_cli(
+        "experiments.evaluate",
+        f"run_dir={run_dir}",
+        "episodes=2",
+        "max_steps=30",
+        "step=200",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "deterministic evaluation" in proc.stdout
+    assert "cost limit 25" in proc.stdout
+    # 400 steps end no 1000-step episode: metrics.csv has no training-time episodes.
+    assert "training-time: no finished episodes" in proc.stdout
+    path = run_dir / "eval" / "eval_step200.json"
+    data = json.loads(path.read_text())
+    assert data["step"] == 200 and data["episodes"] == 2 and data["max_steps"] == 30
+    assert data["cost_limit"] == [25.0]
+    assert len(data["returns"]) == 2 and np.all(np.isfinite(data["returns"]))
+    assert data["training"] is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"run_dir": None}, "run_dir is required"),
+        ({"episodes": 0}, "episodes=0 is invalid"),
+        ({"seed": "x"}, "seed='x' is invalid"),
+        ({"deterministic": "yes"}, "deterministic='yes' is invalid"),
+        ({"video_path": "a.mp4"}, "video=false"),
+        ({"foo": 1}, r"unknown key\(s\) \['foo'\]"),
+    ],
+)
+def test_cli_arguments_are_validated(override, message):
+    from omegaconf import OmegaConf
+
+    from experiments.cli import UsageError
+    from experiments.evaluate import parse_args
+
+    data = OmegaConf.to_container(OmegaConf.load(REPO / "experiments/conf/evaluate.yaml"))
+    data.pop("defaults"), data.pop("hydra")
+    assert parse_args(OmegaConf.create({**data, "run_dir": "r"}))["episodes"] == 10
+    with pytest.raises(UsageError, match=message):
+        parse_args(OmegaConf.create({**data, "run_dir": "r", **override}))

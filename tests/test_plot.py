@@ -1,0 +1,169 @@
+"""Learning-curve plots: reading runs, grouping seeds, the mean and band, the CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from cvpo_jax import checkpoint as ckpt
+from cvpo_jax.config import CVPOConfig, TrainConfig
+from experiments.cli import UsageError
+from experiments.plot import aggregate, group_runs, load_run, parse_args, plot_runs
+
+REPO = Path(__file__).resolve().parents[1]
+HEADER = (
+    "env_steps,wall_time,steps_per_s,updates,episode_return,episode_cost,"
+    "episode_length,episodes,lambda\n"
+)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(path, rows, env_id="SafetyCarGoal1-v0", cost_limit=25.0, seed=0):
+    """A run directory with run.json and metrics.csv rows (env_steps, return, cost)."""
+    path.mkdir(parents=True)
+    spec = ckpt.RunSpec(
+        train=TrainConfig(seed=seed),
+        algo=CVPOConfig(cost_limit=(cost_limit,)),
+        env_id=env_id,
+        obs_size=72,
+        action_low=(-1.0, -1.0),
+        action_high=(1.0, 1.0),
+    )
+    ckpt.save_run_spec(path, spec)
+    lines = [HEADER]
+    for step, ret, cost in rows:
+        fields = ("", "", "", 0) if ret is None else (ret, cost, 1000, 2)
+        lines.append(f"{step},1.0,100.0,10,{','.join(map(str, fields))},0.5\n")
+    (path / "metrics.csv").write_text("".join(lines))
+    return path
+
+
+def seeds(tmp_path, n=2):
+    """n runs of one env; run i logs return 10 * i + step / 1000 and cost 30 - i."""
+    return [
+        make_run(
+            tmp_path / f"seed{i}",
+            [(s, 10.0 * i + s / 1000, 30.0 - i) for s in range(1000 + 500 * i, 6001, 1000)],
+            seed=i,
+        )
+        for i in range(n)
+    ]
+
+
+def run_cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.plot", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_load_run_keeps_rows_with_episodes(tmp_path):
+    path = make_run(tmp_path / "run", [(1000, None, None), (2000, 1.5, 40.0), (3000, 2.5, 20.0)])
+    run = load_run(path)
+    assert run.env_id == "SafetyCarGoal1-v0" and run.cost_limit == (25.0,)
+    np.testing.assert_array_equal(run.env_steps, [2000, 3000])
+    np.testing.assert_array_equal(run.episode_return, [1.5, 2.5])
+    np.testing.assert_array_equal(run.episode_cost, [40.0, 20.0])
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: p.mkdir(), "not a cvpo-jax run directory"),
+        (lambda p: (make_run(p, []), (p / "metrics.csv").unlink()), "has no metrics.csv"),
+        (lambda p: (make_run(p, []), (p / "metrics.csv").write_text("")), "is empty"),
+        (lambda p: make_run(p, [(1000, None, None)]), "no rows with finished episodes"),
+    ],
+)
+def test_load_run_rejects_bad_runs(tmp_path, setup, message):
+    path = tmp_path / "bad"
+    setup(path)
+    with pytest.raises(UsageError, match=message):
+        load_run(path)
+
+
+def test_aggregate_mean_and_bands_on_the_union_grid(tmp_path):
+    runs = [load_run(p) for p in seeds(tmp_path)]
+    # Run 0 logs at 1000, 2000, ..., 6000; run 1 at 1500, 2500, ..., 5500.
+    grid, mean, low, high, count = aggregate(runs, "episode_return", "minmax")
+    np.testing.assert_array_equal(
+        grid, [1000, 1500, 2000, 2500, 3000, 3500, 4000, 4500, 5000, 5500, 6000]
+    )
+    np.testing.assert_array_equal(count, [1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1])
+    # Both runs are linear in the step: run 1 is run 0 plus 10 wherever both exist.
+    inside = count == 2
+    np.testing.assert_allclose(mean[inside], grid[inside] / 1000 + 5.0)
+    np.testing.assert_allclose(low[inside], grid[inside] / 1000)
+    np.testing.assert_allclose(high[inside], grid[inside] / 1000 + 10.0)
+    np.testing.assert_allclose(mean[~inside], grid[~inside] / 1000)  # Run 0 alone.
+    _, mean_c, low_c, high_c, _ = aggregate(runs, "episode_cost", "std")
+    np.testing.assert_allclose(mean_c[inside], 29.5)
+    np.testing.assert_allclose(low_c[inside], 29.0)
+    np.testing.assert_allclose(high_c[inside], 30.0)
+    with pytest.raises(ValueError, match="band"):
+        aggregate(runs, "episode_cost", "iqr")
+
+
+def test_group_runs_by_env_and_cost_limit(tmp_path):
+    a, b = seeds(tmp_path)
+    c = make_run(tmp_path / "point", [(1000, 1.0, 5.0)], env_id="SafetyPointGoal1-v0")
+    d = make_run(tmp_path / "strict", [(1000, 1.0, 5.0)], cost_limit=10.0)
+    groups = group_runs([load_run(p) for p in (a, c, b, d)])
+    assert [[r.run_dir.name for r in g] for g in groups] == [
+        ["seed0", "seed1"],
+        ["point"],
+        ["strict"],
+    ]
+
+
+def test_plot_runs_writes_png(tmp_path):
+    runs = [load_run(p) for p in seeds(tmp_path, 3)]
+    runs.append(load_run(make_run(tmp_path / "point", [(1000, 1.0, 5.0)], "SafetyPointGoal1-v0")))
+    out = tmp_path / "figs" / "curves.png"
+    plot_runs(runs, out, band="std")
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    assert sorted(p.name for p in out.parent.iterdir()) == ["curves.png"]
+
+
+def test_parse_args_accepts_run_dir_and_run_dirs():
+    base = {"run_dir": None, "run_dirs": [], "band": "minmax", "out": None, "title": None}
+    args = parse_args(OmegaConf.create({**base, "run_dir": "a", "run_dirs": ["b", "a"]}))
+    assert args["run_dirs"] == [Path("a"), Path("b")]
+    assert args["out"] == Path("a") / "curves.png"
+    args = parse_args(OmegaConf.create({**base, "run_dirs": "b", "out": "x.png"}))
+    assert args["run_dirs"] == [Path("b")] and args["out"] == Path("x.png")
+    with pytest.raises(UsageError, match="no runs given"):
+        parse_args(OmegaConf.create(base))
+    with pytest.raises(UsageError, match="band='x'"):
+        parse_args(OmegaConf.create({**base, "run_dir": "a", "band": "x"}))
+    with pytest.raises(UsageError, match="unknown key"):
+        parse_args(OmegaConf.create({**base, "run_dir": "a", "runs": ["a"]}))
+
+
+def test_cli_writes_png_for_seeds(tmp_path):
+    a, b = seeds(tmp_path)
+    proc = run_cli(f"run_dirs=[{a},{b}]", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = (a / "curves.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    assert f"wrote {a / 'curves.png'}" in proc.stdout
+
+
+def test_cli_bad_run_exits_2_without_writing(tmp_path):
+    (good,) = seeds(tmp_path, 1)
+    missing = tmp_path / "no-such-run"
+    out = tmp_path / "out.png"
+    proc = run_cli(f"run_dirs=[{good},{missing}]", f"out={out}", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(missing) in lines[0]
+    assert not out.exists() and not (good / "curves.png").exists()
