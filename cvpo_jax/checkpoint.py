@@ -134,3 +134,33 @@ def restore_checkpoint(
     manager.close()
     replay = restored["replay"] if with_replay else None
     return step, restored["state"], replay, restored["loop"]
+
+
+def save_tree_checkpoint(run_dir: Path, step: int, tree: Any, loop: dict, keep: int) -> None:
+    """Writes one pytree (e.g. the on-device loop's runner) and loop counters, atomically."""
+    manager = _manager(run_dir, keep)
+    manager.save(
+        step,
+        args=ocp.args.Composite(tree=ocp.args.StandardSave(tree), loop=ocp.args.JsonSave(loop)),
+        force=True,
+    )
+    manager.wait_until_finished()
+    manager.close()
+
+
+def restore_loop_counters(run_dir: str | os.PathLike, step: int) -> dict:
+    manager = _manager(Path(run_dir), 1000)
+    restored = manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))
+    manager.close()
+    return restored["loop"]
+
+
+def restore_tree_checkpoint(run_dir: str | os.PathLike, like: Any, step: int) -> Any:
+    """Restores the pytree saved by `save_tree_checkpoint`; `like` gives its structure."""
+    manager = _manager(Path(run_dir), 1000)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = manager.restore(
+        step, args=ocp.args.Composite(tree=ocp.args.StandardRestore(abstract))
+    )
+    manager.close()
+    return restored["tree"]

@@ -87,6 +87,7 @@ class RunLogger:
         cost_limit: float,
         start_step: int = 0,
         progress: bool | None = None,
+        quiet: bool = False,
     ):
         self.run_dir = Path(run_dir)
         self.columns = [*BASE_COLUMNS, *metric_names]
@@ -113,7 +114,10 @@ class RunLogger:
         self._tb = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=start_step or None)
         self._reset_interval()
         self.last_row: dict[str, float] = {}
-        self._display = _Display(total_steps, start_step, cost_limit, progress)
+        # quiet: rows go to files only (e.g. one logger per seed beside a shared display).
+        self._display = (
+            None if quiet else ProgressDisplay(total_steps, start_step, cost_limit, progress)
+        )
 
     def _reset_interval(self) -> None:
         self._episodes: list[tuple[float, float, float]] = []
@@ -129,23 +133,37 @@ class RunLogger:
         self._updates.append(flatten_metrics(metrics))
 
     def advance(self, env_steps: int) -> None:
-        self._display.advance(env_steps)
+        if self._display is not None:
+            self._display.advance(env_steps)
 
     def write_row(self, env_steps: int, wall_time: float, steps_per_s: float, updates: int):
-        row: dict[str, float] = {key: math.nan for key in self.columns}
-        row.update(
-            env_steps=env_steps,
-            wall_time=wall_time,
-            steps_per_s=steps_per_s,
-            updates=updates,
-            episodes=len(self._episodes),
-        )
+        """Writes the interval's row from what was recorded since the last row."""
+        values = {"episodes": len(self._episodes)}
         if self._episodes:
             ret, cost, length = np.mean(np.asarray(self._episodes), axis=0)
-            row.update(episode_return=ret, episode_cost=cost, episode_length=length)
+            values.update(episode_return=ret, episode_cost=cost, episode_length=length)
         if self._updates:
             keys = self._updates[0].keys()
-            row.update({k: float(np.mean([u[k] for u in self._updates])) for k in keys})
+            values.update({k: float(np.mean([u[k] for u in self._updates])) for k in keys})
+        return self.write_values(env_steps, wall_time, steps_per_s, updates, values)
+
+    def write_values(
+        self,
+        env_steps: int,
+        wall_time: float,
+        steps_per_s: float,
+        updates: int,
+        values: Mapping[str, float],
+    ) -> dict:
+        """Writes one row from aggregated values (episode means, update-metric means)."""
+        unknown = set(values) - set(self.columns)
+        if unknown:
+            raise ValueError(f"values for unknown columns {sorted(unknown)}")
+        row: dict[str, float] = {key: math.nan for key in self.columns}
+        row.update({k: (int(v) if k == "episodes" else float(v)) for k, v in values.items()})
+        row.update(
+            env_steps=env_steps, wall_time=wall_time, steps_per_s=steps_per_s, updates=updates
+        )
         self._writer.writerow({k: ("" if _isnan(v) else v) for k, v in row.items()})
         self._file.flush()
         for key, value in row.items():
@@ -153,15 +171,18 @@ class RunLogger:
                 self._tb.add_scalar(key, value, global_step=env_steps)
         self._tb.flush()
         self.last_row = row
-        self._display.show(row)
+        if self._display is not None:
+            self._display.show(row)
         self._reset_interval()
         return row
 
     def message(self, text: str) -> None:
-        self._display.message(text)
+        if self._display is not None:
+            self._display.message(text)
 
     def close(self) -> None:
-        self._display.close()
+        if self._display is not None:
+            self._display.close()
         self._tb.close()
         self._file.close()
 
@@ -170,7 +191,7 @@ def _isnan(x) -> bool:
     return isinstance(x, float) and math.isnan(x)
 
 
-class _Display:
+class ProgressDisplay:
     """A rich progress bar on a terminal; one plain line per row otherwise."""
 
     def __init__(self, total: int, start: int, cost_limit: float, enabled: bool | None):
