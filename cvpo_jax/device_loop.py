@@ -11,7 +11,7 @@ A JAX environment here is any object with `observation_size`, `action_size`,
 state has fields obs [O] (to act from), next_obs [O] (the true next observation of
 the last transition, the final one where an episode ended), reward [], cost [],
 terminated [], truncated [] (float32 0/1), and the ended episode's
-episode_return [], episode_cost [], episode_length [] (valid where done). Several
+final_return [], final_cost [], final_length [] (valid where done). Several
 envs per seed are vmapped; they all step in lockstep.
 
 The update cadence is the host loop's: every `update_every` env steps,
@@ -144,9 +144,9 @@ class DeviceTrainer:
         done = jnp.maximum(env_state.terminated, env_state.truncated)
         sums = {
             "episodes": sums["episodes"] + jnp.sum(done),
-            "episode_return": sums["episode_return"] + jnp.sum(done * env_state.episode_return),
-            "episode_cost": sums["episode_cost"] + jnp.sum(done * env_state.episode_cost),
-            "episode_length": sums["episode_length"] + jnp.sum(done * env_state.episode_length),
+            "episode_return": sums["episode_return"] + jnp.sum(done * env_state.final_return),
+            "episode_cost": sums["episode_cost"] + jnp.sum(done * env_state.final_cost),
+            "episode_length": sums["episode_length"] + jnp.sum(done * env_state.final_length),
             "update_chunks": sums["update_chunks"] + do_update,
             "metrics": jax.tree.map(
                 lambda s, m: s + jnp.where(do_update, m, 0.0), sums["metrics"], metrics

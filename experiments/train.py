@@ -35,16 +35,37 @@ def _main(cfg: DictConfig) -> int:
     run_dir = Path(cfg.run_dir) if cfg.run_dir is not None else default_run_dir(env_id, cfg.seed)
     prepare_run_dir(run_dir, bool(cfg.resume))
 
-    print(f"[cvpo] training on {env_id}; run_dir={run_dir}", file=sys.stderr, flush=True)
-    try:
-        result = train(
-            train_cfg,
-            algo,
-            run_dir,
-            resume=bool(cfg.resume),
-            progress=cfg.progress,
-            episode_length_from_env=cfg.algo.episode_length is None,
+    num_seeds = cfg.num_seeds
+    if not isinstance(num_seeds, int) or isinstance(num_seeds, bool) or num_seeds < 1:
+        raise UsageError(f"num_seeds={num_seeds!r} must be an integer >= 1.")
+    on_device = env_id.startswith("brax/")
+    if not on_device and (num_seeds != 1 or cfg.backend is not None):
+        raise UsageError(
+            "num_seeds and backend apply to JAX environments (env=brax/...); "
+            f"{env_id} runs on the host, one seed per run."
         )
+    if on_device:
+        from cvpo_jax.device_loop import check_device_config
+        from cvpo_jax.envs.brax_velocity import BACKEND_CHOICES
+
+        check_device_config(train_cfg)
+        if cfg.backend is not None and cfg.backend not in BACKEND_CHOICES:
+            raise UsageError(f"backend={cfg.backend!r}; allowed: {', '.join(BACKEND_CHOICES)}.")
+
+    where = f"on device ({num_seeds} seed(s))" if on_device else "on the host"
+    print(f"[cvpo] training {env_id} {where}; run_dir={run_dir}", file=sys.stderr, flush=True)
+    try:
+        if on_device:
+            result = _train_on_device(cfg, train_cfg, algo, env_id, run_dir)
+        else:
+            result = train(
+                train_cfg,
+                algo,
+                run_dir,
+                resume=bool(cfg.resume),
+                progress=cfg.progress,
+                episode_length_from_env=cfg.algo.episode_length is None,
+            )
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 1
@@ -56,6 +77,24 @@ def _main(cfg: DictConfig) -> int:
         )
     print(summary + f"\n[cvpo] run directory: {run_dir}", file=sys.stderr)
     return 0
+
+
+def _train_on_device(cfg, train_cfg, algo, env_id, run_dir):
+    from cvpo_jax.device_train import train_on_device
+    from cvpo_jax.envs.brax_velocity import make_brax_velocity_env
+
+    env = make_brax_velocity_env(env_id, backend=cfg.backend)
+    if cfg.algo.episode_length is None:
+        algo = algo.replace(episode_length=int(env.episode_length))
+    return train_on_device(
+        train_cfg,
+        algo,
+        env,
+        run_dir,
+        num_seeds=cfg.num_seeds,
+        resume=bool(cfg.resume),
+        progress=cfg.progress,
+    )
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="train")

@@ -24,9 +24,9 @@ class ScriptedState:
     truncated: jax.Array
     running_return: jax.Array
     running_cost: jax.Array
-    episode_return: jax.Array
-    episode_cost: jax.Array
-    episode_length: jax.Array
+    final_return: jax.Array
+    final_cost: jax.Array
+    final_length: jax.Array
 
 
 class ScriptedJaxEnv:
@@ -68,7 +68,7 @@ class ScriptedJaxEnv:
             truncated=truncated,
             running_return=jnp.where(done, 0.0, running_return),
             running_cost=jnp.where(done, 0.0, running_cost),
-            episode_return=running_return,
-            episode_cost=running_cost,
-            episode_length=t.astype(jnp.float32),
+            final_return=running_return,
+            final_cost=running_cost,
+            final_length=t.astype(jnp.float32),
         )

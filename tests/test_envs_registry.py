@@ -67,9 +67,11 @@ def test_rejects_non_names(bad):
         resolve_env_id(bad)
 
 
-def test_brax_prefix_is_reserved_not_accepted():
-    with pytest.raises(ValueError, match="'brax'.*not available yet"):
-        resolve_env_id("brax/ant")
+def test_brax_prefix_resolves_to_the_jax_backend():
+    assert resolve_env_id("brax/HalfCheetahVelocity") == "brax/HalfCheetahVelocity"
+    assert resolve_env_id("brax/antvelocity") == "brax/AntVelocity"
+    with pytest.raises(ValueError, match="AntVelocity"):
+        resolve_env_id("brax/AntVelocty")
     with pytest.raises(ValueError, match="unknown environment backend 'gym'"):
         resolve_env_id("gym/CartPole-v1")
 
@@ -100,6 +102,8 @@ def test_build_names_pure_picks_newest_version():
     }
 
 
-def test_list_rejects_unknown_backend():
-    with pytest.raises(ValueError, match="unknown backend 'brax'"):
-        list_env_names("brax")
+def test_list_rejects_unknown_backend_and_lists_brax():
+    with pytest.raises(ValueError, match="unknown backend 'gym'"):
+        list_env_names("gym")
+    assert "brax/HalfCheetahVelocity" in list_env_names("brax")
+    assert list_env_ids("brax") == list_env_names("brax")

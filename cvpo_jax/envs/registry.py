@@ -2,8 +2,8 @@
 
 ``env=CarGoal1`` means ``SafetyCarGoal1-v0``; the full id works too, and both
 match case-insensitively. Names of the form ``<backend>/<name>`` are routed to
-another backend (``brax/`` is reserved for a JAX-native one); a name without a
-prefix belongs to Safety-Gymnasium.
+another backend (``brax/HalfCheetahVelocity``: the JAX-native velocity tasks of
+``cvpo_jax.envs.brax_velocity``); a name without a prefix belongs to Safety-Gymnasium.
 
 The Safety-Gymnasium list is read from safety-gymnasium's own registry, kept to
 the tasks this project supports (and the compat layer was verified on):
@@ -23,7 +23,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 
 SAFETY_GYM_BACKEND = "safety_gymnasium"
-RESERVED_BACKENDS = ("brax",)
+BRAX_BACKEND = "brax"
 
 _NAVIGATION_ID = re.compile(
     r"^Safety(?P<short>(?:Point|Car|Racecar|Doggo|Ant)(?:Goal|Button|Push|Circle)[0-2])-v(?P<v>\d+)$"
@@ -93,9 +93,22 @@ def _resolve_safety_gym(name: str) -> str:
     return lookup(name, safety_gym_names(), SAFETY_GYM_BACKEND)
 
 
+def _brax_names() -> Mapping[str, str]:
+    # Lazy: the brax module pulls in jax/flax, which name lookups do not need otherwise.
+    from cvpo_jax.envs.brax_velocity import BRAX_VELOCITY_TASKS
+
+    return {name: name for name in BRAX_VELOCITY_TASKS}
+
+
+def _resolve_brax(name: str) -> str:
+    from cvpo_jax.envs.brax_velocity import resolve_brax_name
+
+    return resolve_brax_name(name)
+
+
 # Backend prefix -> resolver of the name after "<prefix>/". The empty prefix is
-# the default backend. A JAX-native backend registers "brax" here.
-BACKENDS: dict[str, Callable[[str], str]] = {"": _resolve_safety_gym}
+# the default backend.
+BACKENDS: dict[str, Callable[[str], str]] = {"": _resolve_safety_gym, BRAX_BACKEND: _resolve_brax}
 
 
 def split_backend(name: str) -> tuple[str, str]:
@@ -121,12 +134,6 @@ def resolve_env_id(name: str) -> str:
     prefix, rest = split_backend(name.strip())
     if prefix not in BACKENDS:
         available = sorted(p for p in BACKENDS if p)
-        if prefix in RESERVED_BACKENDS:
-            raise ValueError(
-                f"environment backend {prefix!r} (from {name!r}) is not available yet; "
-                f"available backend prefixes: {available or 'none'}; names without a "
-                f"prefix are Safety-Gymnasium tasks"
-            )
         raise ValueError(
             f"unknown environment backend {prefix!r} in {name!r}; available backend "
             f"prefixes: {available or 'none'} (or no prefix for Safety-Gymnasium)"
@@ -136,9 +143,12 @@ def resolve_env_id(name: str) -> str:
 
 
 def _listing_backend_names(backend: str, caller: str) -> Mapping[str, str]:
+    if backend == BRAX_BACKEND:
+        return {f"{BRAX_BACKEND}/{k}": f"{BRAX_BACKEND}/{v}" for k, v in _brax_names().items()}
     if backend not in ("", SAFETY_GYM_BACKEND):
         raise ValueError(
-            f"{caller}: unknown backend {backend!r}; allowed: '' or {SAFETY_GYM_BACKEND!r}"
+            f"{caller}: unknown backend {backend!r}; allowed: '', {SAFETY_GYM_BACKEND!r} or "
+            f"{BRAX_BACKEND!r}"
         )
     return safety_gym_names()
 
@@ -146,10 +156,14 @@ def _listing_backend_names(backend: str, caller: str) -> Mapping[str, str]:
 def list_env_names(backend: str = "") -> list[str]:
     """Short names accepted by ``backend`` (default: Safety-Gymnasium), sorted."""
     names = _listing_backend_names(backend, "list_env_names")
+    if backend == BRAX_BACKEND:
+        return sorted(names)
     return sorted(k for k, v in names.items() if k != v)
 
 
 def list_env_ids(backend: str = "") -> list[str]:
     """Full ids accepted by ``backend`` (default: Safety-Gymnasium), sorted."""
     names = _listing_backend_names(backend, "list_env_ids")
+    if backend == BRAX_BACKEND:
+        return sorted(names.values())
     return sorted(k for k, v in names.items() if k == v)
