@@ -1,4 +1,5 @@
-"""Learning-curve plots: reading runs, grouping seeds, the mean and band, the CLI."""
+"""Learning-curve plots: reading runs and multi-seed runs, grouping seeds, the mean and band,
+the CLI."""
 
 import os
 import subprocess
@@ -11,8 +12,16 @@ from omegaconf import OmegaConf
 
 from cvpo_jax import checkpoint as ckpt
 from cvpo_jax.config import CVPOConfig, TrainConfig
+from cvpo_jax.plotting import (
+    NotPlottableError,
+    aggregate,
+    group_runs,
+    load_run,
+    load_runs,
+    plot_runs,
+)
 from experiments.cli import UsageError
-from experiments.plot import aggregate, group_runs, load_run, parse_args, plot_runs
+from experiments.plot import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = (
@@ -86,7 +95,7 @@ def test_load_run_keeps_rows_with_episodes(tmp_path):
 def test_load_run_rejects_bad_runs(tmp_path, setup, message):
     path = tmp_path / "bad"
     setup(path)
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(NotPlottableError, match=message):
         load_run(path)
 
 
@@ -167,3 +176,69 @@ def test_cli_bad_run_exits_2_without_writing(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and str(missing) in lines[0]
     assert not out.exists() and not (good / "curves.png").exists()
+
+
+def multi_seed_run(path, n=3):
+    """What train_on_device writes: run.json on top, seed<i>/{run.json, metrics.csv}."""
+    path.mkdir(parents=True)
+    for i in range(n):
+        make_run(
+            path / f"seed{i}",
+            [(s, 10.0 * i + s / 1000, 30.0 - i) for s in range(1000, 6001, 1000)],
+            env_id="brax/HalfCheetahVelocity",
+        )
+    (path / "run.json").write_text((path / "seed0" / "run.json").read_text())
+    (path / "checkpoints").mkdir()
+    return path
+
+
+def test_load_runs_reads_each_seed_of_a_multi_seed_run(tmp_path):
+    path = multi_seed_run(tmp_path / "run", n=11)
+    runs = load_runs(path)
+    # In seed order (seed10 after seed9, not after seed1).
+    assert [r.run_dir.name for r in runs] == [f"seed{i}" for i in range(11)]
+    assert all(r.env_id == "brax/HalfCheetahVelocity" for r in runs)
+    np.testing.assert_array_equal(runs[10].episode_return, 100.0 + runs[0].env_steps / 1000)
+    assert len(group_runs(runs)) == 1
+    # A plain run is itself; a seed directory of a multi-seed run is a run too.
+    assert [r.run_dir for r in load_runs(path / "seed3")] == [path / "seed3"]
+
+
+def test_load_runs_rejects_directories_without_runs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NotPlottableError, match="not a cvpo-jax run directory"):
+        load_runs(tmp_path / "empty")
+    path = multi_seed_run(tmp_path / "run", n=2)
+    (path / "seed1" / "metrics.csv").write_text(HEADER + "1000,1.0,100.0,0,,,,0,\n")
+    with pytest.raises(NotPlottableError, match="no rows with finished episodes"):
+        load_runs(path)
+
+
+def test_cli_draws_a_multi_seed_run_as_mean_and_band(tmp_path):
+    path = multi_seed_run(tmp_path / "run")
+    proc = run_cli(f"run_dir={path}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = (path / "curves.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    assert f"wrote {path / 'curves.png'}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_plots_a_multi_seed_run_of_the_on_device_loop(tmp_path):
+    from scripted_jax_env import ScriptedJaxEnv
+    from test_device_loop import ALGO, CFG
+
+    from cvpo_jax.device_train import train_on_device
+
+    result = train_on_device(
+        CFG, ALGO, ScriptedJaxEnv(), tmp_path / "run", num_seeds=2, progress=False
+    )
+    assert result.status == "completed"
+    runs = load_runs(tmp_path / "run")
+    assert [r.run_dir.name for r in runs] == ["seed0", "seed1"]
+    for run in runs:
+        assert run.env_id == "ScriptedJax-v0" and run.cost_limit == ALGO.cost_limit
+        np.testing.assert_array_equal(run.env_steps, [100, 200, 300, 400])
+    assert not np.allclose(runs[0].episode_return, runs[1].episode_return)  # Their own seeds.
+    out = plot_runs(runs, tmp_path / "curves.png")
+    assert out.read_bytes().startswith(PNG_MAGIC)
