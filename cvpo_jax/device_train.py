@@ -207,3 +207,38 @@ def _mean_row(rows: list[dict], env_steps: int, rate: float) -> dict:
         vals = [r[key] for r in rows if key in r and not math.isnan(r[key])]
         out[key] = float(np.mean(vals)) if vals else math.nan
     return out
+
+
+def load_device_policy(run_dir: str | Path, env, seed_index: int = 0, step: int | None = None):
+    """One seed's policy from an on-device run: (learner, policy_params, step).
+
+    Restores only the train states from the checkpoint (not the replay). `env` is the
+    run's JAX environment (it fixes the networks' shapes).
+    """
+    import orbax.checkpoint as ocp
+
+    run_dir = Path(run_dir)
+    spec = ckpt.load_run_spec(run_dir)
+    step = ckpt.latest_step(run_dir) if step is None else step
+    if step is None:
+        raise ckpt.NotARunError(f"{str(run_dir)!r} holds no complete checkpoint.")
+    num_seeds = int(ckpt.restore_loop_counters(run_dir, step)["num_seeds"])
+    if not 0 <= seed_index < num_seeds:
+        raise ValueError(f"seed_index={seed_index} is out of range: the run has {num_seeds} seeds.")
+    trainer = make_device_trainer(spec.train, spec.algo, env)
+    abstract = jax.eval_shape(jax.vmap(trainer.init), seed_keys(spec.train.seed, num_seeds))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    like = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
+        {"train_state": abstract.train_state},
+    )
+    restore = ocp.args.PyTreeRestore(
+        like, restore_args=ocp.checkpoint_utils.construct_restore_args(like), partial_restore=True
+    )
+    manager = ocp.CheckpointManager(run_dir.absolute() / ckpt.CHECKPOINT_DIR)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(tree=restore))
+    finally:
+        manager.close()
+    params = restored["tree"]["train_state"].policy_params
+    return trainer.learner, jax.tree.map(lambda x: x[seed_index], params), step

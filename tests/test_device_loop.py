@@ -183,3 +183,32 @@ def test_sharded_over_4_devices_equals_one_device(tmp_path):
         for s in range(4)
     ]
     assert len(set(finals)) == 4
+
+
+@pytest.mark.slow
+def test_train_on_device_checkpoints_resume_and_policy_loading(tmp_path):
+    from cvpo_jax import checkpoint as ckpt
+    from cvpo_jax.device_train import load_device_policy, train_on_device
+
+    half = TrainConfig(**{**CFG.__dict__, "total_steps": 200})
+    result = train_on_device(
+        half, ALGO, ScriptedJaxEnv(), tmp_path / "run", num_seeds=2, progress=False
+    )
+    assert result.status == "completed" and result.env_steps == 200
+    result = train_on_device(
+        CFG, ALGO, ScriptedJaxEnv(), tmp_path / "run", num_seeds=2, progress=False, resume=True
+    )
+    assert result.env_steps == 400 and result.updates == 30
+    assert ckpt.latest_step(tmp_path / "run") == 400
+    rows = _read(tmp_path / "run" / "seed1" / "metrics.csv")
+    assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400]
+    learner, p0, step = load_device_policy(tmp_path / "run", ScriptedJaxEnv(), seed_index=0)
+    _, p1, _ = load_device_policy(tmp_path / "run", ScriptedJaxEnv(), seed_index=1)
+    assert step == 400
+    k0 = p0["params"]["Dense_0"]["kernel"]
+    assert k0.shape == (4, 16) and not np.allclose(k0, p1["params"]["Dense_0"]["kernel"])
+    obs = np.zeros((3, 4), np.float32)
+    action = learner.act(p0, obs, jax.random.PRNGKey(0), deterministic=True)
+    assert action.shape == (3, 2) and np.all(np.abs(np.asarray(action)) <= 1)
+    with pytest.raises(ValueError, match="seed_index=2"):
+        load_device_policy(tmp_path / "run", ScriptedJaxEnv(), seed_index=2)
