@@ -166,6 +166,13 @@ def load_policy(run_dir: str | os.PathLike, step: int | None = None):
         raise ckpt.NotARunError(
             f"{str(run_dir)!r} has an unreadable {ckpt.RUN_FILE} ({type(err).__name__}: {err})."
         ) from err
+    if spec.env_id.startswith("brax/"):
+        raise ckpt.NotARunError(
+            f"{str(run_dir)!r} is an on-device run of {spec.env_id}; this evaluation runs "
+            "Safety-Gymnasium runs. Load one seed's policy with "
+            "cvpo_jax.device_train.load_device_policy and roll it out as in "
+            "notebooks/cvpo_tpu.ipynb."
+        )
     steps = checkpoint_steps(run_dir)
     if not steps:
         raise ckpt.NotARunError(f"{str(run_dir)!r} holds no complete checkpoint to evaluate.")
