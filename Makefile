@@ -23,13 +23,14 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 train: setup
 	$(BIN)/python -m experiments.train env=CarGoal1 $(ARGS)
 
-# The whole test suite, slow end-to-end tests included.
+# The whole test suite, slow end-to-end tests included; two workers (most of the time
+# is XLA compilation, which runs on one core per process).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # Everything but the slow end-to-end tests.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check cvpo_jax experiments tests benchmarks
