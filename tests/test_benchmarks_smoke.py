@@ -96,3 +96,16 @@ def test_estep_benchmark_quick(tmp_path):
             _check_time(solver["time"])
             assert _positive(solver["speedup_vs_slsqp_loop"])
             assert _finite(solver["rel_gap_vs_slsqp"]["median"])
+
+
+def test_throughput_benchmark_quick(tmp_path):
+    from benchmarks import throughput
+
+    out = tmp_path / "throughput.json"
+    throughput.main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["machine"]["versions"]["jax"] and data["settings"]["quick"] is True
+    for part in ("before", "after"):
+        assert _positive(data["raw_env"][part]["steps_per_s"])
+    assert _positive(data["training"]["steps_per_s"]) and data["training"]["updates"] > 0
+    assert _positive(data["ratio_training_to_raw"])
