@@ -29,6 +29,7 @@ from cvpo_jax import estep as estep_lib
 from cvpo_jax import learner as learner_lib
 from cvpo_jax import mstep as mstep_lib
 from cvpo_jax.config import CVPOConfig
+from cvpo_jax.networks import Critic
 from cvpo_jax.types import Transition
 
 NAME = "update_step"
@@ -249,13 +250,31 @@ def run_setting(name: str, spec: dict, repeats: int | None) -> dict:
     _, weights, _ = jax.jit(parts["estep.dual_and_weights"])(part_state.estep_duals, q_r, q_c)
     dual_body = common.jit_flops(dual_step, part_state.estep_duals, q_r, q_c)
     mstep_body = common.jit_flops(mstep_step, part_state, batch.obs, actions, weights, mean, tril)
+    # The E-step evaluates the critic members one after another (lax.map): another
+    # loop whose body XLA counts once.
+    members = part_state.target_critic_params["params"]["members"]
+    n_members = jax.tree.leaves(members)[0].shape[0]
+    member = Critic(learner.networks.critic.hidden_sizes)
+    member_body = common.jit_flops(
+        lambda p, o, a: member.apply({"params": p}, o, a),
+        jax.tree.map(lambda x: x[0], members),
+        batch.obs,
+        actions,
+    )
+    missing_members = (n_members - 1) * member_body
     xla_flops = (
-        flops_one_iter + (cfg.dual_steps - 1) * dual_body + (cfg.mstep_steps - 1) * mstep_body
+        flops_one_iter
+        + (cfg.dual_steps - 1) * dual_body
+        + (cfg.mstep_steps - 1) * mstep_body
+        + missing_members
     )
     # The same count from the full-length compile (loop bodies once) plus the missing
     # iterations: a check that XLA did count each loop body once (ratio 1).
     loops_check = (
-        xla_flops_loops_once + (cfg.dual_steps - 1) * dual_body + (cfg.mstep_steps - 1) * mstep_body
+        xla_flops_loops_once
+        + (cfg.dual_steps - 1) * dual_body
+        + (cfg.mstep_steps - 1) * mstep_body
+        + missing_members
     ) / xla_flops
     hand = analytic_flops(cfg, batch_size)
 
@@ -275,6 +294,8 @@ def run_setting(name: str, spec: dict, repeats: int | None) -> dict:
     for n in ("estep", "estep.dual_and_weights"):
         part_flops[n] += (cfg.dual_steps - 1) * dual_body
     part_flops["mstep"] += (cfg.mstep_steps - 1) * mstep_body
+    for n in ("estep", "estep.sample_and_q"):
+        part_flops[n] += missing_members
     # The scans in these parts were compiled with full trip counts: XLA counted one
     # iteration, so the correction above adds the rest.
 
