@@ -39,6 +39,18 @@ class RunSpec:
     action_low: tuple[float, ...]
     action_high: tuple[float, ...]
 
+    @classmethod
+    def for_env(cls, train: TrainConfig, algo: CVPOConfig, env: Any) -> RunSpec:
+        """The spec of a run on `env` (any env with the adapters' space attributes)."""
+        return cls(
+            train=train,
+            algo=algo,
+            env_id=env.env_id,
+            obs_size=int(env.observation_size),
+            action_low=tuple(float(x) for x in env.action_low),
+            action_high=tuple(float(x) for x in env.action_high),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "train": dataclasses.asdict(self.train),

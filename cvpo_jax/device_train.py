@@ -77,14 +77,7 @@ def train_on_device(
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, resume)
     trainer = make_device_trainer(cfg, algo, env)
-    spec = ckpt.RunSpec(
-        train=cfg,
-        algo=algo,
-        env_id=env.env_id,
-        obs_size=env.observation_size,
-        action_low=tuple(float(x) for x in env.action_low),
-        action_high=tuple(float(x) for x in env.action_high),
-    )
+    spec = ckpt.RunSpec.for_env(cfg, algo, env)
     sharding = seed_sharding(num_seeds, devices)
     init = jax.jit(jax.vmap(trainer.init), out_shardings=sharding)
     runner = init(seed_keys(cfg.seed, num_seeds))

@@ -170,14 +170,7 @@ def train(
 
 
 def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
-    spec = ckpt.RunSpec(
-        train=cfg,
-        algo=algo,
-        env_id=env.env_id,
-        obs_size=env.observation_size,
-        action_low=tuple(float(x) for x in env.action_low),
-        action_high=tuple(float(x) for x in env.action_high),
-    )
+    spec = ckpt.RunSpec.for_env(cfg, algo, env)
     learner = make_learner(algo, spec.obs_size, spec.action_low, spec.action_high)
     replay = replay_lib.make_replay(
         cfg.buffer_size, cfg.batch_size, spec.obs_size, len(spec.action_low), 1
