@@ -34,6 +34,23 @@ from cvpo_jax.learner import Learner, make_learner, select_action, update_step
 from cvpo_jax.types import TrainState, Transition
 
 
+@jax.custom_batching.custom_vmap
+def lockstep(x):
+    """`x` itself; under vmap, the first member's value, unbatched.
+
+    The seeds step in lockstep, so their counters agree; an unbatched predicate keeps
+    `lax.cond` a real branch under `vmap` (a batched one turns it into `select`, which
+    runs the updates on every vector step and throws most of them away).
+    """
+    return x
+
+
+@lockstep.def_vmap
+def _lockstep_vmap(axis_size, in_batched, x):
+    (batched,) = in_batched
+    return (x[0] if batched else x), False
+
+
 @flax.struct.dataclass
 class RunnerState:
     """Everything one seed carries between chunks (a pytree; vmap adds a seed axis)."""
@@ -98,8 +115,8 @@ class DeviceTrainer:
         )[1]
         return {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items()}
 
-    def _vector_step(self, carry, _):
-        runner, sums = carry
+    def _vector_step(self, carry, i):
+        runner, sums, start = carry
         cfg, env = self.cfg, self.env
         rng, k_act, k_rand, k_env, k_learn = jax.random.split(runner.rng, 5)
         obs = runner.env_state.obs
@@ -126,7 +143,9 @@ class DeviceTrainer:
         buffer_state = self.replay.add(runner.buffer_state, transition)
         env_steps = runner.env_steps + cfg.num_envs
 
-        do_update = (env_steps % cfg.update_every == 0) & (env_steps >= cfg.learning_starts)
+        # From the scan index and the chunk's (unbatched) start: a real branch under vmap.
+        shared_steps = start + (i + 1) * cfg.num_envs
+        do_update = (shared_steps % cfg.update_every == 0) & (shared_steps >= cfg.learning_starts)
 
         def learn(train_state):
             batches = self.replay.sample_many(buffer_state, k_learn, cfg.updates_per_chunk)
@@ -161,7 +180,7 @@ class DeviceTrainer:
             env_steps=env_steps,
             updates=updates.astype(jnp.int32),
         )
-        return (runner, sums), None
+        return (runner, sums, start), None
 
     def run_chunk(self, runner: RunnerState) -> tuple[RunnerState, ChunkLog]:
         """`log_every` env steps (with their updates) in one lax.scan."""
@@ -174,8 +193,11 @@ class DeviceTrainer:
             "update_chunks": jnp.zeros((), f32),
             "metrics": self._metric_zeros(runner.train_state),
         }
-        (runner, sums), _ = jax.lax.scan(
-            self._vector_step, (runner, sums), None, length=self.steps_per_chunk
+        start = lockstep(runner.env_steps)
+        (runner, sums, _), _ = jax.lax.scan(
+            self._vector_step,
+            (runner, sums, start),
+            jnp.arange(self.steps_per_chunk, dtype=jnp.int32),
         )
 
         def mean(total, count):

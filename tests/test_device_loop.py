@@ -212,3 +212,11 @@ def test_train_on_device_checkpoints_resume_and_policy_loading(tmp_path):
     assert action.shape == (3, 2) and np.all(np.abs(np.asarray(action)) <= 1)
     with pytest.raises(ValueError, match="seed_index=2"):
         load_device_policy(tmp_path / "run", ScriptedJaxEnv(), seed_index=2)
+
+
+def test_updates_stay_a_real_branch_when_seeds_are_vmapped(trainer):
+    # A batched predicate would turn the update's lax.cond into a select that runs the
+    # updates on every vector step; the seeds' shared step counter keeps it a branch.
+    runners = jax.vmap(trainer.init)(jax.random.split(jax.random.PRNGKey(0), 2))
+    jaxpr = str(jax.make_jaxpr(jax.vmap(trainer.run_chunk))(runners))
+    assert "cond[" in jaxpr
