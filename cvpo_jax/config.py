@@ -12,6 +12,9 @@ import math
 from typing import Any
 
 
+COST_AGGREGATES = ("max", "mean", "min")  # How cost critic members are combined.
+
+
 def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ValueError(f"CVPOConfig.{field}={value!r} is invalid: must be {allowed}.")
@@ -50,6 +53,8 @@ class CVPOConfig:
     gamma: float = 0.99
     tau: float = 0.005
     critic_lr: float = 1e-3
+    n_step: int = 1  # n-step TD targets, cut at episode ends (see replay.nstep_transition).
+    cost_aggregate: str = "max"  # How cost members combine: max (pessimistic), mean, min.
 
     # E-step.
     num_samples: int = 32  # K actions per state.
@@ -60,6 +65,14 @@ class CVPOConfig:
     lambda_init: float = 1.0
     eta_bounds: tuple[float, float] = (1e-6, 1e5)
     lambda_bounds: tuple[float, float] = (1e-8, 1e5)
+    # Largest change of log-lambda per update (0: the dual solve moves it freely).
+    lambda_max_log_step: float = 0.0
+    # Realised-cost feedback on the E-step threshold: after each training episode,
+    # log(scale) -= gain * clip((cost - limit) / max(limit, 1), -1, 1), the scale
+    # kept inside cost_feedback_bounds; the E-step uses scale * qc_threshold.
+    # 0 disables it (the threshold stays the converted limit).
+    cost_feedback_gain: float = 0.0
+    cost_feedback_bounds: tuple[float, float] = (0.1, 10.0)
 
     # M-step.
     mstep_steps: int = 5
@@ -74,7 +87,14 @@ class CVPOConfig:
     def __post_init__(self) -> None:
         # Normalise sequences given as lists (e.g. from a CLI/YAML) to tuples so the
         # config stays hashable and can be a static jit argument.
-        for name in ("hidden_sizes", "cost_limit", "eta_bounds", "lambda_bounds", "alpha_bounds"):
+        for name in (
+            "hidden_sizes",
+            "cost_limit",
+            "eta_bounds",
+            "lambda_bounds",
+            "alpha_bounds",
+            "cost_feedback_bounds",
+        ):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
@@ -97,10 +117,31 @@ class CVPOConfig:
             "dual_steps",
             "mstep_steps",
             "episode_length",
+            "n_step",
         ):
             v = getattr(self, name)
             _check(_is_int(v) and v >= 1, name, v, "an integer >= 1")
         _check(self.num_samples >= 2, "num_samples", self.num_samples, "an integer >= 2")
+        _check(self.n_step <= 1000, "n_step", self.n_step, "an integer in [1, 1000]")
+        _check(
+            self.cost_aggregate in COST_AGGREGATES,
+            "cost_aggregate",
+            self.cost_aggregate,
+            f"one of {', '.join(COST_AGGREGATES)}",
+        )
+        for name in ("lambda_max_log_step", "cost_feedback_gain"):
+            v = getattr(self, name)
+            _check(_is_number(v) and v >= 0, name, v, "a finite number >= 0 (0 disables it)")
+        fb = self.cost_feedback_bounds
+        _check(
+            isinstance(fb, tuple)
+            and len(fb) == 2
+            and all(_is_number(x) for x in fb)
+            and 0 < fb[0] <= 1.0 <= fb[1],
+            "cost_feedback_bounds",
+            fb,
+            "a pair (low, high) with 0 < low <= 1 <= high",
+        )
         _check(
             isinstance(self.full_covariance, bool),
             "full_covariance",

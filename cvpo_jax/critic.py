@@ -1,7 +1,7 @@
 """Policy evaluation: TD targets and the critic loss for reward and cost ensembles.
 
 Reward targets take the min over reward critics, cost targets the max over cost
-critics (pessimistic on both). Termination stops the bootstrap; truncation (a time
+critics by default (pessimistic on both; `cost_aggregate` may choose mean or min). Termination stops the bootstrap; truncation (a time
 limit) does not.
 """
 
@@ -13,7 +13,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from cvpo_jax.networks import Networks, policy_distribution
+from cvpo_jax.networks import Networks, cost_aggregate, policy_distribution
 from cvpo_jax.types import Params, Transition
 
 
@@ -24,25 +24,32 @@ def td_targets(
     next_q_r: chex.Array,
     next_q_c: chex.Array,
     gamma: float,
+    discount: chex.Array | None = None,
+    aggregate: str = "max",
 ) -> tuple[chex.Array, chex.Array]:
-    """One-step TD targets.
+    """TD targets (one-step, or n-step when `discount` is given).
 
     Args:
       reward: [B]. cost: [B, M]. terminated: [B] (bool or 0/1).
       next_q_r: [N_r, B] target reward critics at (s', a').
       next_q_c: [N_c, M, B] target cost critics at (s', a').
       gamma: discount.
+      discount: [B] bootstrap factor of n-step transitions (gamma^m (1 - term)); None
+        for one-step transitions, where it is gamma (1 - term).
+      aggregate: how the cost members combine (`networks.cost_aggregate`).
 
     Returns:
-      y_r [B] = r + gamma (1 - term) min_i Q_r_i;  y_c [B, M] = c + gamma (1 - term) max_j Q_c_j.
+      y_r [B] = r + d min_i Q_r_i;  y_c [B, M] = c + d agg_j Q_c_j, d the bootstrap factor.
     """
     chex.assert_rank([reward, cost, terminated, next_q_r, next_q_c], [1, 2, 1, 2, 3])
     batch = reward.shape[0]
     chex.assert_shape([cost, terminated], [(batch, next_q_c.shape[1]), (batch,)])
     chex.assert_equal_shape_suffix([next_q_r, next_q_c, reward], 1)
-    continues = 1.0 - terminated.astype(reward.dtype)
-    y_r = reward + gamma * continues * jnp.min(next_q_r, axis=0)
-    y_c = cost + gamma * continues[:, None] * jnp.max(next_q_c, axis=0).T
+    if discount is None:
+        discount = gamma * (1.0 - terminated.astype(reward.dtype))
+    chex.assert_shape(discount, (batch,))
+    y_r = reward + discount * jnp.min(next_q_r, axis=0)
+    y_c = cost + discount[:, None] * cost_aggregate(next_q_c, aggregate).T
     return y_r, y_c
 
 
@@ -68,7 +75,16 @@ def make_critic_loss(networks: Networks, gamma: float) -> Callable:
         next_action = jnp.clip(next_action, low, high)
         next_q = networks.critic.apply(target_critic_params, batch.next_obs, next_action)
         next_q_r, next_q_c = networks.split_critic_values(next_q)
-        y_r, y_c = td_targets(batch.reward, batch.cost, batch.terminated, next_q_r, next_q_c, gamma)
+        y_r, y_c = td_targets(
+            batch.reward,
+            batch.cost,
+            batch.terminated,
+            next_q_r,
+            next_q_c,
+            gamma,
+            discount=batch.discount,
+            aggregate=networks.cost_aggregate,
+        )
         y_r, y_c = jax.lax.stop_gradient((y_r, y_c))
         q_r, q_c = networks.split_critic_values(
             networks.critic.apply(critic_params, batch.obs, batch.action)

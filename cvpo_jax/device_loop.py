@@ -243,8 +243,20 @@ def make_device_trainer(cfg: TrainConfig, algo: CVPOConfig, env) -> DeviceTraine
     check_device_config(cfg)
     if algo.num_constraints != 1:
         raise ValueError(f"cost_limit={algo.cost_limit}: these tasks have one cost signal.")
+    if algo.cost_feedback_gain > 0:
+        raise ValueError(
+            f"cost_feedback_gain={algo.cost_feedback_gain}: the realised-cost feedback runs in "
+            "the host loop only; use cost_feedback_gain=0 for on-device training."
+        )
     learner = make_learner(algo, env.observation_size, env.action_low, env.action_high)
     replay = replay_lib.make_replay(
-        cfg.buffer_size, cfg.batch_size, env.observation_size, env.action_size, 1
+        cfg.buffer_size,
+        cfg.batch_size,
+        env.observation_size,
+        env.action_size,
+        1,
+        n_step=algo.n_step,
+        stride=cfg.num_envs,
+        gamma=algo.gamma,
     )
     return DeviceTrainer(cfg=cfg, algo=algo, env=env, learner=learner, replay=replay)

@@ -86,6 +86,7 @@ def init_estep_duals(cfg: CVPOConfig, dtype=jnp.float32) -> EStepDuals:
         log_eta=params["log_eta"],
         log_lambda=params["log_lambda"],
         opt_state=dual_optimizer(cfg).init(params),
+        log_threshold_scale=jnp.zeros((cfg.num_constraints,), dtype),
     )
 
 
@@ -97,6 +98,11 @@ def solve_dual(
     cfg: CVPOConfig,
 ) -> tuple[EStepDuals, dict]:
     """Takes `cfg.dual_steps` projected Adam steps on the dual from `duals`.
+
+    With `cfg.lambda_max_log_step` > 0 the change of log-lambda over the whole
+    solve is clipped to that size: lambda then moves at a bounded rate instead of
+    jumping between its bounds when the constraint flips between slack and
+    infeasible (see the README's algorithm section).
 
     Args:
       duals: current (warm-start) duals; log_lambda [M].
@@ -133,9 +139,42 @@ def solve_dual(
     (params, opt_state), _ = jax.lax.scan(
         step, (params, duals.opt_state), None, length=cfg.dual_steps
     )
+    if cfg.lambda_max_log_step > 0:
+        step_size = cfg.lambda_max_log_step
+        change = jnp.clip(params["log_lambda"] - duals.log_lambda, -step_size, step_size)
+        params = {**params, "log_lambda": duals.log_lambda + change}
     value, grads = jax.value_and_grad(objective)(params)
     info = {"dual_objective": value, "dual_grad_norm": optax.global_norm(grads)}
-    return EStepDuals(params["log_eta"], params["log_lambda"], opt_state), info
+    new = EStepDuals(params["log_eta"], params["log_lambda"], opt_state, duals.log_threshold_scale)
+    return new, info
+
+
+def min_reachable_cost(q_c: chex.Array, eps: float, num_temperatures: int = 25) -> chex.Array:
+    """The lowest E_q[Q_c] the E-step can reach inside its KL ball, per constraint [M].
+
+    The minimiser of E_q[Q_c] subject to mean_s KL(q || pi_old) <= eps is the tilt
+    q ∝ pi_old exp(-Q_c / t) at the smallest temperature t that keeps the KL within
+    eps. This scans a fixed log-spaced grid of t (relative to the spread of Q_c,
+    plus t = inf: pi_old itself) and returns the best feasible value, so it is an
+    upper bound on the true minimum that is tight to the grid. If it is above the
+    threshold the constraint is infeasible for this batch whatever lambda is.
+
+    Args:
+      q_c: [B, K, M] cost values of K samples from pi_old at B states.
+      eps: the E-step KL bound.
+    """
+    chex.assert_rank(q_c, 3)
+    num_samples = q_c.shape[1]
+    spread = jnp.maximum(jnp.std(q_c, axis=(0, 1)), 1e-6)  # [M]
+    temps = spread[None, :] * jnp.logspace(-3.0, 3.0, num_temperatures)[:, None]  # [G, M]
+    logits = -q_c[None] / temps[:, None, None, :]  # [G, B, K, M]
+    w = jax.nn.softmax(logits, axis=2)
+    log_w = jax.nn.log_softmax(logits, axis=2)
+    kl = jnp.mean(jnp.sum(w * (log_w + jnp.log(num_samples)), axis=2), axis=1)  # [G, M]
+    expected = jnp.mean(jnp.sum(w * q_c[None], axis=2), axis=1)  # [G, M]
+    uniform = jnp.mean(q_c, axis=(0, 1))  # [M], t = inf
+    feasible_best = jnp.min(jnp.where(kl <= eps, expected, jnp.inf), axis=0)
+    return jnp.minimum(feasible_best, uniform)
 
 
 def weight_diagnostics(weights: chex.Array, q_c: chex.Array, qc_threshold: chex.Array) -> dict:
@@ -170,11 +209,19 @@ def estep(
     lam = jnp.exp(duals.log_lambda)
     weights = estep_weights(q_r, q_c, eta, lam)
     diagnostics = weight_diagnostics(weights, q_c, qc_threshold)
+    reachable = min_reachable_cost(jax.lax.stop_gradient(q_c), cfg.estep_kl_eps)
+    log_lam_hi = jnp.log(cfg.lambda_bounds[1])
+    log_lam_lo = jnp.log(cfg.lambda_bounds[0])
     info = {
         **info,
         **diagnostics,
         "eta": eta,
         "lambda": lam,
         "estep_kl_ratio": diagnostics["weights_kl"] / cfg.estep_kl_eps,
+        # Fractions once averaged over a logging interval's updates.
+        "lambda_at_upper": (duals.log_lambda >= log_lam_hi - 1e-3).astype(jnp.float32),
+        "lambda_at_lower": (duals.log_lambda <= log_lam_lo + 1e-3).astype(jnp.float32),
+        "qc_reachable": reachable,
+        "estep_feasible": (reachable <= qc_threshold).astype(jnp.float32),
     }
     return duals, weights, info

@@ -113,7 +113,9 @@ def update_step(
     q_r, q_c = networks.pessimistic_q(
         state.target_critic_params, batch.obs, clip_to_box(actions, networks)
     )
-    qc_threshold = jnp.asarray(cfg.qc_threshold, jnp.float32)
+    qc_threshold = jnp.asarray(cfg.qc_threshold, jnp.float32) * jnp.exp(
+        state.estep_duals.log_threshold_scale
+    )
     estep_duals, weights, estep_info = estep_lib.estep(
         state.estep_duals, q_r, q_c, qc_threshold, cfg
     )
@@ -156,6 +158,7 @@ def update_step(
         **mstep_info,
         "qc_policy": qc_policy,
         "qc_policy_ratio": qc_policy / jnp.maximum(qc_threshold, 1e-8),
+        "qc_threshold": qc_threshold,
     }
     return new_state, metrics
 

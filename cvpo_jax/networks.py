@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvpo_jax.config import CVPOConfig
+from cvpo_jax.config import COST_AGGREGATES, CVPOConfig
 from cvpo_jax.gaussian import TriGaussian
 
 _HEAD_INIT = nn.initializers.variance_scaling(1e-2, "fan_in", "truncated_normal")
@@ -120,6 +120,7 @@ class Networks:
     num_cost_critics: int
     num_constraints: int
     obs_size: int
+    cost_aggregate: str = "max"
 
     @property
     def action_size(self) -> int:
@@ -148,12 +149,13 @@ class Networks:
         return self.critic.apply(critic_params, obs, action)
 
     def pessimistic(self, q: chex.Array) -> tuple[chex.Array, chex.Array]:
-        """[N, ...] member values -> min over reward members [...], max over cost [..., M]."""
+        """[N, ...] member values -> min over reward members [...], cost members
+        combined by `cost_aggregate` (max by default) [..., M]."""
         q_r, q_c = self.split_critic_values(q)
-        return jnp.min(q_r, axis=0), jnp.moveaxis(jnp.max(q_c, axis=0), 0, -1)
+        return jnp.min(q_r, axis=0), jnp.moveaxis(cost_aggregate(q_c, self.cost_aggregate), 0, -1)
 
     def pessimistic_q(self, critic_params, obs: chex.Array, action: chex.Array):
-        """min over reward members [B(,K)] and max over cost members [B(,K), M]."""
+        """min over reward members [B(,K)], aggregated cost members [B(,K), M]."""
         return self.pessimistic(self.critic_values(critic_params, obs, action))
 
 
@@ -198,7 +200,19 @@ def make_networks(
         num_cost_critics=cfg.num_cost_critics,
         num_constraints=cfg.num_constraints,
         obs_size=int(obs_size),
+        cost_aggregate=cfg.cost_aggregate,
     )
+
+
+def cost_aggregate(q_c: chex.Array, how: str) -> chex.Array:
+    """Combines cost members [N_c, ...] -> [...]: max (pessimistic), mean or min."""
+    if how == "max":
+        return jnp.max(q_c, axis=0)
+    if how == "mean":
+        return jnp.mean(q_c, axis=0)
+    if how == "min":
+        return jnp.min(q_c, axis=0)
+    raise ValueError(f"cost_aggregate={how!r}; allowed: {', '.join(COST_AGGREGATES)}.")
 
 
 def policy_distribution(mean: chex.Array, scale_tril: chex.Array) -> TriGaussian:

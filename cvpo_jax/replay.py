@@ -4,6 +4,12 @@ Each item is one complete `Transition` (obs, action, reward, cost, next_obs,
 terminated, truncated), so a sample can never pair an observation with the first
 observation of the next episode across an auto-reset.
 
+With `n_step > 1` a sample is an n-step transition built at sample time from n
+consecutive items of the same environment (see `nstep_transition`): the stored
+data stays 1-step, so the choice of n can change without touching the buffer.
+Items of one env are `stride` (= the number of envs) apart, because every add
+appends whole vector steps in (step, env) order.
+
 The buffer's arrays have a leading axis of 1 (flashbax's add-batch axis) followed by
 the capacity. `filled_items` / `restore_items` move the filled part to and from host
 numpy arrays for checkpoints, so a checkpoint stores what was collected, not the
@@ -34,6 +40,9 @@ class Replay(NamedTuple):
     example: Transition
     capacity: int
     batch_size: int
+    n_step: int = 1
+    stride: int = 1
+    gamma: float = 0.99
 
     def init(self):
         return self.buffer.init(self.example)
@@ -42,7 +51,9 @@ class Replay(NamedTuple):
         return self.buffer.add(state, transitions)
 
     def sample(self, state, key: chex.PRNGKey) -> Transition:
-        return self.buffer.sample(state, key).experience
+        if self.n_step == 1:
+            return self.buffer.sample(state, key).experience
+        return sample_nstep(state, key, self.batch_size, self.n_step, self.stride, self.gamma)
 
     def sample_many(self, state, key: chex.PRNGKey, num: int) -> Transition:
         """`num` independent batches, stacked: leaves [U, B, ...]."""
@@ -68,11 +79,31 @@ def example_transition(obs_size: int, action_size: int, num_constraints: int) ->
 
 
 def make_replay(
-    capacity: int, batch_size: int, obs_size: int, action_size: int, num_constraints: int
+    capacity: int,
+    batch_size: int,
+    obs_size: int,
+    action_size: int,
+    num_constraints: int,
+    *,
+    n_step: int = 1,
+    stride: int = 1,
+    gamma: float = 0.99,
 ) -> Replay:
-    """A uniform replay of at most `capacity` transitions, sampling batches of B."""
+    """A uniform replay of at most `capacity` transitions, sampling batches of B.
+
+    With n_step > 1 samples are n-step transitions over items `stride` apart (the
+    number of envs adding one vector step at a time) discounted by `gamma`.
+    """
     if capacity < batch_size:
         raise ValueError(f"buffer capacity={capacity} must be >= batch_size={batch_size}.")
+    if not isinstance(n_step, int) or n_step < 1:
+        raise ValueError(f"n_step={n_step!r} must be an integer >= 1.")
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride={stride!r} must be an integer >= 1 (the number of envs).")
+    if (n_step - 1) * stride >= capacity:
+        raise ValueError(
+            f"buffer capacity={capacity} is too small for n_step={n_step} with {stride} envs."
+        )
     buffer = fbx.make_item_buffer(
         max_length=capacity,
         min_length=batch_size,
@@ -85,7 +116,69 @@ def make_replay(
         example=example_transition(obs_size, action_size, num_constraints),
         capacity=capacity,
         batch_size=batch_size,
+        n_step=n_step,
+        stride=stride,
+        gamma=float(gamma),
     )
+
+
+def nstep_transition(seq: Transition, gamma: float) -> Transition:
+    """Folds n consecutive transitions of one env into one n-step transition.
+
+    Args:
+      seq: leaves [B, n, ...]: steps t..t+n-1 of the same env, in order.
+      gamma: discount.
+
+    Returns:
+      A Transition [B] with reward = sum_{j<m} gamma^j r_{t+j} (cost likewise, [B, M]),
+      next_obs = the bootstrap observation after step t+m-1, terminated from that step,
+      truncated = whether the window was cut by a time limit, and discount =
+      gamma^m (1 - terminated): the factor of the bootstrap value. m <= n stops at
+      the first step that ends its episode (terminated or truncated), so no step of
+      one episode bootstraps into the next.
+    """
+    n = seq.reward.shape[1]
+    done = jnp.maximum(seq.terminated, seq.truncated).astype(jnp.float32)  # [B, n]
+    # alive[:, j] = 1 while no earlier step of the window ended its episode.
+    alive = jnp.cumprod(jnp.concatenate([jnp.ones_like(done[:, :1]), 1.0 - done[:, :-1]], 1), 1)
+    powers = gamma ** jnp.arange(n, dtype=jnp.float32)
+    weights = alive * powers  # [B, n]
+    m = jnp.sum(alive, axis=1).astype(jnp.int32)  # [B], >= 1
+    last = m - 1
+    pick = lambda x: jnp.take_along_axis(  # noqa: E731
+        x, last.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1
+    )[:, 0]
+    terminated = pick(seq.terminated)
+    return Transition(
+        obs=seq.obs[:, 0],
+        action=seq.action[:, 0],
+        reward=jnp.sum(weights * seq.reward, axis=1),
+        cost=jnp.einsum("bn,bnm->bm", weights, seq.cost),
+        next_obs=pick(seq.next_obs),
+        terminated=terminated,
+        truncated=pick(seq.truncated),
+        discount=(gamma ** m.astype(jnp.float32)) * (1.0 - terminated.astype(jnp.float32)),
+    )
+
+
+def sample_nstep(
+    state, key: chex.PRNGKey, batch_size: int, n_step: int, stride: int, gamma: float
+) -> Transition:
+    """B uniform n-step transitions (see `nstep_transition`) from an item buffer state.
+
+    A window starts at any item whose n-1 successors (`stride` apart) are already
+    in the buffer, so the newest (n-1)*stride items only appear as successors.
+    """
+    experience = jax.tree.map(lambda x: x[0], state.experience)  # [capacity, ...]
+    capacity = experience.reward.shape[0]
+    size = jnp.where(state.is_full, capacity, state.current_index)
+    head = jnp.where(state.is_full, state.current_index, 0)
+    num_starts = jnp.maximum(size - (n_step - 1) * stride, 1)
+    offsets = jax.random.randint(key, (batch_size,), 0, num_starts)
+    steps = jnp.arange(n_step) * stride
+    idx = (head + offsets[:, None] + steps[None, :]) % capacity  # [B, n]
+    seq = jax.tree.map(lambda x: x[idx], experience)
+    return nstep_transition(seq, gamma)
 
 
 def num_items(state) -> int:
@@ -98,7 +191,9 @@ def num_items(state) -> int:
 def filled_items(state) -> dict:
     """The filled part of the buffer as host arrays, plus the write position."""
     n = num_items(state)
-    items = {k: np.asarray(v[0, :n]) for k, v in state.experience._asdict().items()}
+    items = {
+        k: np.asarray(v[0, :n]) for k, v in state.experience._asdict().items() if v is not None
+    }
     return {
         "items": items,
         "current_index": np.asarray(state.current_index),
@@ -124,3 +219,19 @@ def restore_items(replay: Replay, saved: dict):
         current_index=jnp.asarray(saved["current_index"], state.current_index.dtype),
         is_full=jnp.asarray(saved["is_full"], state.is_full.dtype),
     )
+
+
+def cut_last_steps(state, num_envs: int):
+    """Marks the newest vector step (num_envs items) truncated: its episodes end there.
+
+    Used when the envs restart from a reset (resuming a run), so that n-step windows
+    stop at the last stored step instead of running into the next episode. A one-step
+    target is unchanged: truncation still bootstraps from the stored next_obs.
+    """
+    capacity = state.experience.reward.shape[1]
+    size = jnp.where(state.is_full, capacity, state.current_index)
+    idx = (state.current_index - 1 - jnp.arange(num_envs)) % capacity
+    valid = jnp.arange(num_envs) < size
+    truncated = state.experience.truncated
+    new = truncated.at[0, idx].set(jnp.where(valid, 1.0, truncated[0, idx]))
+    return state.replace(experience=state.experience._replace(truncated=new))

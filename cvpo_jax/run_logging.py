@@ -136,8 +136,15 @@ class RunLogger:
         if self._display is not None:
             self._display.advance(env_steps)
 
-    def write_row(self, env_steps: int, wall_time: float, steps_per_s: float, updates: int):
-        """Writes the interval's row from what was recorded since the last row."""
+    def write_row(
+        self,
+        env_steps: int,
+        wall_time: float,
+        steps_per_s: float,
+        updates: int,
+        extra: Mapping[str, float] | None = None,
+    ):
+        """Writes the interval's row from what was recorded since the last row (and `extra`)."""
         values = {"episodes": len(self._episodes)}
         if self._episodes:
             ret, cost, length = np.mean(np.asarray(self._episodes), axis=0)
@@ -145,6 +152,7 @@ class RunLogger:
         if self._updates:
             keys = self._updates[0].keys()
             values.update({k: float(np.mean([u[k] for u in self._updates])) for k in keys})
+        values.update({k: v for k, v in (extra or {}).items() if not _isnan(v)})
         return self.write_values(env_steps, wall_time, steps_per_s, updates, values)
 
     def write_values(
@@ -234,6 +242,10 @@ class ProgressDisplay:
         lam = row.get("lambda", row.get("lambda_0", math.nan))
         if not _isnan(lam):
             parts.append(f"lambda {lam:.3g}")
+        bias = row.get("calib_qc_bias", row.get("calib_qc_bias_0", math.nan))
+        if not _isnan(bias):
+            mc = row.get("calib_qc_mc", row.get("calib_qc_mc_0", math.nan))
+            parts.append(f"Qc {mc + bias:.2f} vs MC {mc:.2f}")
         return "  ".join(parts) or "warming up"
 
     def show(self, row: dict) -> None:

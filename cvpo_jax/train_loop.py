@@ -28,7 +28,9 @@ import numpy as np
 
 from cvpo_jax import checkpoint as ckpt
 from cvpo_jax import replay as replay_lib
+from cvpo_jax.calibration import CalibrationTracker, calibration_columns
 from cvpo_jax.config import CVPOConfig, TrainConfig
+from cvpo_jax.constraint import feedback_threshold_scale
 from cvpo_jax.learner import Learner, make_learner
 from cvpo_jax.run_logging import RunLogger, flat_metric_names, non_finite_metrics
 from cvpo_jax.types import Transition
@@ -173,7 +175,14 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
     spec = ckpt.RunSpec.for_env(cfg, algo, env)
     learner = make_learner(algo, spec.obs_size, spec.action_low, spec.action_high)
     replay = replay_lib.make_replay(
-        cfg.buffer_size, cfg.batch_size, spec.obs_size, len(spec.action_low), 1
+        cfg.buffer_size,
+        cfg.batch_size,
+        spec.obs_size,
+        len(spec.action_low),
+        1,
+        n_step=algo.n_step,
+        stride=cfg.num_envs,
+        gamma=algo.gamma,
     )
     act_fn, add_fn, learn_fn = make_jitted_steps(learner, replay, cfg.updates_per_chunk)
     k_init, k_act, k_learn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
@@ -185,6 +194,8 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
         _check_resumable(ckpt.load_run_spec(run_dir), spec)
         env_steps, state, saved_replay, loop = ckpt.restore_checkpoint(run_dir, state)
         buffer_state = replay_lib.restore_items(replay, saved_replay)
+        # The envs restart from a reset: no n-step window may run across that point.
+        buffer_state = replay_lib.cut_last_steps(buffer_state, cfg.num_envs)
         updates = int(loop["updates"])
         wall_offset = float(loop["wall_time"])
         np_rng.bit_generator.state = loop["np_rng"]
@@ -196,6 +207,14 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
     example = jax.tree.map(lambda x: jnp.zeros((cfg.batch_size, *x.shape), x.dtype), replay.example)
     shapes = jax.eval_shape(learner.update, state, example)[1]
     metric_names = flat_metric_names({k: v.shape for k, v in shapes.items()})
+    metric_names += calibration_columns(algo.num_constraints)
+    networks = learner.networks
+    calibration = CalibrationTracker(
+        lambda params, o, a: networks.pessimistic_q(params, o, a),
+        cfg.num_envs,
+        algo.num_constraints,
+        algo.gamma,
+    )
     logger = RunLogger(
         run_dir,
         metric_names,
@@ -209,6 +228,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
     staging = {
         name: np.zeros((chunk, *leaf.shape), np.float32)
         for name, leaf in replay.example._asdict().items()
+        if leaf is not None
     }
     low, high = env.action_low, env.action_high
     last_saved = env_steps if resume else -1
@@ -246,6 +266,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                 # Collect one chunk. On Ctrl-C the partial chunk is dropped, so what is
                 # saved is always whole chunks: buffer, counters and state agree.
                 steps = env_steps
+                finished_costs = []
                 for i in range(chunk // n):
                     if stop.requested:
                         break
@@ -264,6 +285,10 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                     staging["terminated"][rows] = result.terminated
                     staging["truncated"][rows] = result.truncated
                     logger.record_episodes(*result.episode)
+                    done = result.episode[0]
+                    finished_costs.extend(np.asarray(result.episode[2])[np.flatnonzero(done)])
+                    calibration.record(obs, actions, result.reward, staging["cost"][rows])
+                    calibration.finish(done, result.terminated, state.target_critic_params)
                     obs = result.obs
                     steps += n
                 if stop.requested:
@@ -273,6 +298,8 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                 # The staging arrays are refilled next chunk: let the add consume them first.
                 jax.block_until_ready(buffer_state)
                 env_steps = steps
+                if algo.cost_feedback_gain > 0 and finished_costs:
+                    state = _apply_cost_feedback(state, finished_costs, algo)
                 if env_steps >= cfg.learning_starts:
                     state, metrics = learn_fn(state, buffer_state, k_learn, updates)
                     metrics = jax.device_get(metrics)
@@ -291,7 +318,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                     rate = (env_steps - interval_start[1]) / max(now - interval_start[0], 1e-9)
                     interval_start = (now, env_steps)
                     wall = wall_offset + now - start_time
-                    logger.write_row(env_steps, wall, rate, updates)
+                    logger.write_row(env_steps, wall, rate, updates, calibration.interval_stats())
                 if env_steps % cfg.checkpoint_every == 0 or env_steps >= cfg.total_steps:
                     save(env_steps, state, buffer_state, updates)
         if status == "interrupted" and last_saved != env_steps:
@@ -303,6 +330,15 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
     finally:
         logger.close()
     return TrainResult(run_dir, env_steps, updates, status, logger.last_row)
+
+
+def _apply_cost_feedback(state, episode_costs, algo: CVPOConfig):
+    """The train state with the E-step threshold scale moved by finished episodes' costs."""
+    duals = state.estep_duals
+    log_scale = feedback_threshold_scale(
+        np.asarray(duals.log_threshold_scale), np.asarray(episode_costs), algo
+    )
+    return state.replace(estep_duals=duals.replace(log_threshold_scale=jnp.asarray(log_scale)))
 
 
 @jax.jit

@@ -28,6 +28,10 @@ class Transition(NamedTuple):
     obs [B, O], action [B, A], reward [B], cost [B, M], next_obs [B, O],
     terminated [B] (a true terminal state: no bootstrap), truncated [B] (time limit:
     bootstrap as usual). Booleans may be stored as float32 0/1.
+
+    discount [B] is set on n-step samples only (see `replay.nstep_transition`): the
+    factor gamma^m (1 - terminated) of the bootstrap value after the m steps summed
+    into reward and cost. None means a one-step transition: gamma (1 - terminated).
     """
 
     obs: chex.Array
@@ -37,18 +41,22 @@ class Transition(NamedTuple):
     next_obs: chex.Array
     terminated: chex.Array
     truncated: chex.Array
+    discount: chex.Array | None = None
 
 
 @flax.struct.dataclass
 class EStepDuals:
     """The E-step's dual variables in log space, and their optax state.
 
-    log_eta [] (temperature), log_lambda [M] (one multiplier per constraint).
+    log_eta [] (temperature), log_lambda [M] (one multiplier per constraint),
+    log_threshold_scale [M]: the realised-cost feedback on the E-step threshold
+    (0 unless `cost_feedback_gain` > 0; see `constraint.feedback_threshold_scale`).
     """
 
     log_eta: chex.Array
     log_lambda: chex.Array
     opt_state: optax.OptState
+    log_threshold_scale: chex.Array
 
 
 @flax.struct.dataclass
