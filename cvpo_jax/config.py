@@ -68,7 +68,7 @@ class CVPOConfig:
     # Largest change of log-lambda per update (0: the dual solve moves it freely).
     lambda_max_log_step: float = 0.0
     # Realised-cost feedback on the E-step threshold: after each training episode,
-    # log(scale) -= gain * clip((cost - limit) / max(limit, 1), -1, 1), the scale
+    # log(scale) -= gain * min((cost - limit) / max(limit, 1), 10), the scale
     # kept inside cost_feedback_bounds; the E-step uses scale * qc_threshold.
     # 0 disables it (the threshold stays the converted limit).
     cost_feedback_gain: float = 0.0
@@ -269,6 +269,7 @@ class TrainConfig:
     log_every: int = 2_000
     checkpoint_every: int = 20_000
     keep_checkpoints: int = 2
+    critic_pretrain_updates: int = 0  # Critic-only updates on the warm-up data, once.
 
     def __post_init__(self) -> None:
         _check_train(
@@ -290,12 +291,9 @@ class TrainConfig:
         ):
             v = getattr(self, name)
             _check_train(_is_int(v) and v >= 1, name, v, "an integer >= 1")
-        _check_train(
-            _is_int(self.warmup_steps) and self.warmup_steps >= 0,
-            "warmup_steps",
-            self.warmup_steps,
-            "an integer >= 0",
-        )
+        for name in ("warmup_steps", "critic_pretrain_updates"):
+            v = getattr(self, name)
+            _check_train(_is_int(v) and v >= 0, name, v, "an integer >= 0")
         _check_train(isinstance(self.async_envs, bool), "async_envs", self.async_envs, "a bool")
         _check_train(
             _is_number(self.update_ratio) and self.update_ratio > 0,

@@ -248,6 +248,11 @@ def make_device_trainer(cfg: TrainConfig, algo: CVPOConfig, env) -> DeviceTraine
             f"cost_feedback_gain={algo.cost_feedback_gain}: the realised-cost feedback runs in "
             "the host loop only; use cost_feedback_gain=0 for on-device training."
         )
+    if cfg.critic_pretrain_updates:
+        raise ValueError(
+            f"critic_pretrain_updates={cfg.critic_pretrain_updates}: critic pre-training runs "
+            "in the host loop only; use 0 for on-device training."
+        )
     learner = make_learner(algo, env.observation_size, env.action_low, env.action_high)
     replay = replay_lib.make_replay(
         cfg.buffer_size,

@@ -85,6 +85,44 @@ def clip_to_box(action: chex.Array, networks: Networks) -> chex.Array:
     return jnp.clip(action, low, high)
 
 
+def _critic_step(state: TrainState, batch: Transition, networks: Networks, cfg: CVPOConfig, key):
+    """One gradient step of both critic ensembles: (critic params, optimiser state, aux)."""
+    critic_loss = critic_lib.make_critic_loss(networks, cfg.gamma)
+    (_, critic_aux), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+        state.critic_params,
+        state.target_critic_params,
+        state.target_policy_params,
+        batch,
+        key,
+    )
+    updates, critic_opt_state = critic_optimizer(cfg).update(
+        grads, state.critic_opt_state, state.critic_params
+    )
+    return optax.apply_updates(state.critic_params, updates), critic_opt_state, critic_aux
+
+
+def critic_update_step(
+    state: TrainState, batch: Transition, networks: Networks, cfg: CVPOConfig
+) -> tuple[TrainState, dict]:
+    """Policy evaluation only (critics and their targets; the policy is unchanged).
+
+    Used to pre-train the critics on the warm-up data before the policy acts, as the
+    original implementation does, so the first E-steps see informed Q values.
+    """
+    check_batch(batch, networks)
+    rng, k_critic = jax.random.split(state.rng)
+    critic_params, critic_opt_state, aux = _critic_step(state, batch, networks, cfg, k_critic)
+    new_state = state.replace(
+        critic_params=critic_params,
+        target_critic_params=optax.incremental_update(
+            critic_params, state.target_critic_params, cfg.tau
+        ),
+        critic_opt_state=critic_opt_state,
+        rng=rng,
+    )
+    return new_state, aux
+
+
 def update_step(
     state: TrainState, batch: Transition, networks: Networks, cfg: CVPOConfig
 ) -> tuple[TrainState, dict]:
@@ -93,18 +131,9 @@ def update_step(
     rng, k_critic, k_estep = jax.random.split(state.rng, 3)
 
     # 1. Policy evaluation.
-    critic_loss = critic_lib.make_critic_loss(networks, cfg.gamma)
-    (_, critic_aux), grads = jax.value_and_grad(critic_loss, has_aux=True)(
-        state.critic_params,
-        state.target_critic_params,
-        state.target_policy_params,
-        batch,
-        k_critic,
+    critic_params, critic_opt_state, critic_aux = _critic_step(
+        state, batch, networks, cfg, k_critic
     )
-    updates, critic_opt_state = critic_optimizer(cfg).update(
-        grads, state.critic_opt_state, state.critic_params
-    )
-    critic_params = optax.apply_updates(state.critic_params, updates)
 
     # 2. E-step on K samples from pi_old (the target policy) and the target critics.
     actions, mean_old, tril_old = sample_actions(
@@ -183,6 +212,7 @@ class Learner(NamedTuple):
     init(key) -> TrainState
     update(state, batch) -> (state, metrics)            jitted, state donated
     update_many(state, batches[U]) -> (state, metrics[U])  U updates in one lax.scan
+    update_critics_many(state, batches[U]) -> (state, aux[U])  critic-only updates
     act(policy_params, obs [B, O], key, deterministic) -> actions [B, A]
     """
 
@@ -192,6 +222,7 @@ class Learner(NamedTuple):
     update: Callable[[TrainState, Transition], tuple[TrainState, dict]]
     update_many: Callable[[TrainState, Transition], tuple[TrainState, dict]]
     act: Callable[..., chex.Array]
+    update_critics_many: Callable[[TrainState, Transition], tuple[TrainState, dict]]
 
 
 def make_learner(
@@ -211,6 +242,11 @@ def make_learner(
     def act(policy_params, obs, key, deterministic=False):
         return select_action(policy_params, networks, obs, key, deterministic)
 
+    def update_critics_many(state, batches):
+        return jax.lax.scan(
+            lambda s, b: critic_update_step(s, b, networks, cfg), state, batches
+        )
+
     return Learner(
         cfg=cfg,
         networks=networks,
@@ -218,4 +254,5 @@ def make_learner(
         update=jax.jit(update, donate_argnums=0),
         update_many=jax.jit(update_many, donate_argnums=0),
         act=jax.jit(act, static_argnames="deterministic"),
+        update_critics_many=jax.jit(update_critics_many, donate_argnums=0),
     )

@@ -82,6 +82,26 @@ def make_jitted_steps(learner: Learner, replay: replay_lib.Replay, updates_per_c
     )
 
 
+PRETRAIN_CHUNK = 250  # Critic pre-training updates per jitted call.
+
+
+def pretrain_critics(learner: Learner, replay, state, buffer_state, key, num_updates: int):
+    """`num_updates` critic-only updates on the buffer (the warm-up data), in chunks.
+
+    Keys come from `key` folded with the chunk index, so the result depends only on
+    the seed and the data. Returns the state and the last chunk's mean critic losses.
+    """
+
+    aux = {}
+    done = 0
+    while done < num_updates:
+        size = min(PRETRAIN_CHUNK, num_updates - done)
+        batches = replay.sample_many(buffer_state, jax.random.fold_in(key, done), size)
+        state, aux = learner.update_critics_many(state, batches)
+        done += size
+    return state, jax.tree.map(lambda x: float(jnp.mean(x)), jax.device_get(aux))
+
+
 class _StopFlag:
     """SIGINT handler: the first Ctrl-C asks the loop to stop, the second interrupts."""
 
@@ -300,6 +320,20 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                 env_steps = steps
                 if algo.cost_feedback_gain > 0 and finished_costs:
                     state = _apply_cost_feedback(state, finished_costs, algo)
+                if cfg.critic_pretrain_updates and updates == 0 and env_steps >= cfg.learning_starts:
+                    state, aux = pretrain_critics(
+                        learner,
+                        replay,
+                        state,
+                        buffer_state,
+                        jax.random.fold_in(k_learn, 2**31 - 1),
+                        cfg.critic_pretrain_updates,
+                    )
+                    logger.message(
+                        f"[cvpo] pre-trained the critics with {cfg.critic_pretrain_updates} "
+                        f"updates on {env_steps} warm-up steps (TD loss: reward "
+                        f"{aux['critic_loss_reward']:.3g}, cost {aux['critic_loss_cost']:.3g})"
+                    )
                 if env_steps >= cfg.learning_starts:
                     state, metrics = learn_fn(state, buffer_state, k_learn, updates)
                     metrics = jax.device_get(metrics)

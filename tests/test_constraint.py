@@ -7,12 +7,21 @@ from cvpo_jax.config import CVPOConfig
 from cvpo_jax.constraint import feedback_threshold_scale
 
 
-def test_feedback_moves_against_the_clipped_cost_error():
-    cfg = CVPOConfig(cost_feedback_gain=0.1, cost_limit=(20.0,))
-    costs = np.array([[30.0], [200.0], [0.0], [20.0]])
-    # Errors: 0.5, clipped 1.0, -1.0, 0.0.
+def test_feedback_moves_against_the_cost_error():
+    cfg = CVPOConfig(cost_feedback_gain=0.01, cost_limit=(20.0,))
+    costs = np.array([[30.0], [200.0], [0.0], [20.0], [1000.0]])
+    # Errors: 0.5, 9, -1, 0, and 49 capped at 10.
     out = feedback_threshold_scale(np.zeros(1), costs, cfg)
-    np.testing.assert_allclose(out, [-0.1 * (0.5 + 1.0 - 1.0 + 0.0)], rtol=1e-6)
+    np.testing.assert_allclose(out, [-0.01 * (0.5 + 9.0 - 1.0 + 0.0 + 10.0)], rtol=1e-6)
+
+
+def test_feedback_has_no_drift_when_the_mean_cost_is_at_the_limit():
+    """Heavy-tailed costs with mean = limit (three free episodes, one costing 4x the
+    limit) leave the scale where it was: the controller tracks the mean."""
+    cfg = CVPOConfig(cost_feedback_gain=0.01, cost_limit=(25.0,))
+    costs = np.array([[0.0], [0.0], [0.0], [100.0]] * 5)
+    out = feedback_threshold_scale(np.zeros(1), costs, cfg)
+    np.testing.assert_allclose(out, [0.0], atol=1e-6)
 
 
 def test_feedback_stays_in_its_bounds_and_is_off_at_gain_zero():

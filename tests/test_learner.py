@@ -43,7 +43,19 @@ def test_update_metrics_and_state_shapes():
     state, metrics = learner.update(state, random_batch(jax.random.PRNGKey(1), m=2))
     assert jax.tree.map(jnp.shape, state) == shapes_before
     assert int(state.step) == 1
-    per_constraint = {"lambda", "qc_weighted", "qc_ratio", "qc_policy", "qc_policy_ratio", "q_cost"}
+    per_constraint = {
+        "lambda",
+        "qc_weighted",
+        "qc_ratio",
+        "qc_policy",
+        "qc_policy_ratio",
+        "q_cost",
+        "qc_threshold",
+        "qc_reachable",
+        "estep_feasible",
+        "lambda_at_upper",
+        "lambda_at_lower",
+    }
     expected = per_constraint | {
         "critic_loss_reward",
         "critic_loss_cost",

@@ -1,6 +1,7 @@
 """The host training loop on a scripted env: outputs, determinism, resume, NaN, Ctrl-C."""
 
 import csv
+import dataclasses
 
 import chex
 import jax
@@ -153,3 +154,71 @@ def test_resume_rejects_a_changed_algorithm(tmp_path):
             progress=False,
             env_factory=lambda _: env,
         )
+
+
+def _train_with(tmp_path, name, algo=ALGO, cfg=CFG):
+    env = ScriptedVectorEnv(num_envs=cfg.num_envs)
+    return train(cfg, algo, tmp_path / name, progress=False, env_factory=lambda _: env)
+
+
+def test_calibration_columns_are_logged_for_finished_episodes(tmp_path):
+    """The scripted env's 10-step episodes end with a time limit; with gamma 0.5 the
+    tail horizon is 7 steps, so 3 steps of every episode are compared."""
+    algo = ALGO.replace(gamma=0.5)
+    result = _train_with(tmp_path, "calib", algo)
+    rows = read_csv(result.run_dir / "metrics.csv")
+    for key in ("calib_qr_bias", "calib_qr_mc", "calib_qc_bias", "calib_qc_mc"):
+        assert all(r[key] != "" for r in rows), key
+    # MC cost-to-go is a discounted sum of 0/1 costs: within [0, 1 / (1 - gamma)].
+    assert all(0.0 <= float(r["calib_qc_mc"]) <= 2.0 for r in rows)
+
+
+def test_n_step_and_constraint_knobs_train_end_to_end(tmp_path):
+    algo = ALGO.replace(n_step=3, lambda_max_log_step=0.1, cost_feedback_gain=0.05)
+    result = _train_with(tmp_path, "nstep", algo)
+    rows = read_csv(result.run_dir / "metrics.csv")
+    assert result.status == "completed"
+    # The scripted policy pays cost ~50% of steps early on (limit 2 per 10 steps):
+    # the feedback must have moved the threshold away from its converted value.
+    thresholds = [float(r["qc_threshold"]) for r in rows if r["qc_threshold"]]
+    assert thresholds and not np.allclose(thresholds, algo.qc_threshold[0])
+    for key in ("lambda_at_upper", "lambda_at_lower", "estep_feasible", "qc_reachable"):
+        assert all(r[key] != "" for r in rows if r["updates"] != "0"), key
+
+
+def test_critic_pretraining_moves_only_the_critics(tmp_path):
+    cfg = dataclasses.replace(CFG, total_steps=150, critic_pretrain_updates=40)
+    algo = ALGO
+    result = _train_with(tmp_path, "pre", algo, cfg)
+    # total_steps = warm-up + one chunk: the state holds the pre-training and one chunk
+    # of CVPO updates; compare with a run without pre-training.
+    _, pre, _ = restore_state(result.run_dir)
+    plain = _train_with(tmp_path, "plain", algo, dataclasses.replace(cfg, critic_pretrain_updates=0))
+    _, base, _ = restore_state(plain.run_dir)
+    assert not jax.tree.all(
+        jax.tree.map(lambda a, b: bool(np.allclose(a, b)), pre.critic_params, base.critic_params)
+    )
+    assert result.updates == plain.updates  # Pre-training updates are not CVPO updates.
+
+
+def test_critic_update_step_leaves_the_policy_alone():
+    from cvpo_jax.learner import critic_update_step
+    from cvpo_jax.replay import example_transition
+
+    learner = make_learner(ALGO, 4, [-1.0, -1.0], [1.0, 1.0])
+    state = learner.init(jax.random.PRNGKey(0))
+    ex = example_transition(4, 2, 1)
+    rng = np.random.default_rng(0)
+    batch = jax.tree.map(
+        lambda x: jax.numpy.asarray(rng.normal(size=(32, *x.shape)), x.dtype), ex
+    )
+    batch = batch._replace(terminated=batch.terminated * 0, truncated=batch.truncated * 0)
+    step = jax.jit(lambda s, b: critic_update_step(s, b, learner.networks, ALGO))
+    losses = []
+    for _ in range(60):
+        state, aux = step(state, batch)
+        losses.append(float(aux["critic_loss_reward"]))
+    fresh = learner.init(jax.random.PRNGKey(0))
+    chex.assert_trees_all_equal(state.policy_params, fresh.policy_params)
+    chex.assert_trees_all_equal(state.estep_duals.log_lambda, fresh.estep_duals.log_lambda)
+    assert losses[-1] < 0.75 * losses[0]  # Fits the (random) targets.
