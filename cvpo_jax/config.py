@@ -38,9 +38,9 @@ class CVPOConfig:
     """
 
     # Networks.
-    hidden_sizes: tuple[int, ...] = (256, 256)
-    num_reward_critics: int = 2
-    num_cost_critics: int = 2
+    hidden_sizes: tuple[int, ...] = (128, 128)
+    num_reward_critics: int = 1
+    num_cost_critics: int = 1
     full_covariance: bool = True
     min_std: float = 1e-4  # Floor on the Cholesky diagonal: keeps log-probs finite.
     init_std: float = 0.5  # Policy std at initialisation (before any update).
@@ -51,20 +51,20 @@ class CVPOConfig:
 
     # Critics.
     gamma: float = 0.99
-    tau: float = 0.005
+    tau: float = 0.05
     critic_lr: float = 1e-3
     n_step: int = 1  # n-step TD targets, cut at episode ends (see replay.nstep_transition).
     cost_aggregate: str = "max"  # How cost members combine: max (pessimistic), mean, min.
 
     # E-step.
-    num_samples: int = 32  # K actions per state.
+    num_samples: int = 16  # K actions per state.
     estep_kl_eps: float = 0.1
     dual_lr: float = 0.05
     dual_steps: int = 20
     eta_init: float = 1.0
     lambda_init: float = 1.0
     eta_bounds: tuple[float, float] = (1e-6, 1e5)
-    lambda_bounds: tuple[float, float] = (1e-8, 1e5)
+    lambda_bounds: tuple[float, float] = (1e-8, 20.0)
     # Largest change of log-lambda per update (0: the dual solve moves it freely).
     lambda_max_log_step: float = 0.0
     # Realised-cost feedback on the E-step threshold: after each training episode,
@@ -75,7 +75,7 @@ class CVPOConfig:
     cost_feedback_bounds: tuple[float, float] = (0.1, 10.0)
 
     # M-step.
-    mstep_steps: int = 5
+    mstep_steps: int = 1
     kl_mean_eps: float = 1e-3
     kl_cov_eps: float = 1e-3
     actor_lr: float = 1e-3
@@ -263,7 +263,7 @@ class TrainConfig:
     async_envs: bool = True
     warmup_steps: int = 10_000
     batch_size: int = 256
-    buffer_size: int = 1_000_000
+    buffer_size: int = 200_000
     update_ratio: float = 0.2
     update_every: int = 50
     log_every: int = 2_000
