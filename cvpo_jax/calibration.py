@@ -56,7 +56,11 @@ def calibration_stats(q: np.ndarray, g: np.ndarray) -> dict[str, float]:
     if q.size == 0:
         return {k: math.nan for k in CALIBRATION_KEYS}
     sq, sg = np.std(q), np.std(g)
-    corr = float(np.mean((q - q.mean()) * (g - g.mean())) / (sq * sg)) if sq > 0 and sg > 0 else math.nan
+    corr = (
+        float(np.mean((q - q.mean()) * (g - g.mean())) / (sq * sg))
+        if sq > 0 and sg > 0
+        else math.nan
+    )
     return {"bias": float(np.mean(q - g)), "corr": corr, "mc": float(np.mean(g))}
 
 

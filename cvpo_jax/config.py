@@ -11,7 +11,6 @@ import dataclasses
 import math
 from typing import Any
 
-
 COST_AGGREGATES = ("max", "mean", "min")  # How cost critic members are combined.
 
 

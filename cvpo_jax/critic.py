@@ -1,8 +1,9 @@
 """Policy evaluation: TD targets and the critic loss for reward and cost ensembles.
 
 Reward targets take the min over reward critics, cost targets the max over cost
-critics by default (pessimistic on both; `cost_aggregate` may choose mean or min). Termination stops the bootstrap; truncation (a time
-limit) does not.
+critics by default (pessimistic on both; `cost_aggregate` may choose mean or min).
+Termination stops the bootstrap; truncation (a time limit) does not. n-step samples
+carry their own bootstrap factor (`Transition.discount`).
 """
 
 from __future__ import annotations

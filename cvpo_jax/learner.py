@@ -243,9 +243,7 @@ def make_learner(
         return select_action(policy_params, networks, obs, key, deterministic)
 
     def update_critics_many(state, batches):
-        return jax.lax.scan(
-            lambda s, b: critic_update_step(s, b, networks, cfg), state, batches
-        )
+        return jax.lax.scan(lambda s, b: critic_update_step(s, b, networks, cfg), state, batches)
 
     return Learner(
         cfg=cfg,

@@ -8,6 +8,11 @@ Keys are derived, not carried: the action noise at env step t uses
 fold_in(act_key, t) and the update chunk after n updates fold_in(learn_key, n), so a
 resumed run draws the same keys as an uninterrupted one.
 
+Every finished training episode is compared with the critics (`calibration.py`,
+logged per interval) and, with `cost_feedback_gain` > 0, moves the E-step's
+threshold (`constraint.py`). With `critic_pretrain_updates` the critics take that
+many critic-only updates once, when the warm-up data is in.
+
 Ctrl-C (SIGINT) sets a flag; the loop stops at the next vector step, saves a
 checkpoint of the last consistent point (whole chunks only) and returns. A second
 Ctrl-C interrupts at once.
@@ -91,7 +96,6 @@ def pretrain_critics(learner: Learner, replay, state, buffer_state, key, num_upd
     Keys come from `key` folded with the chunk index, so the result depends only on
     the seed and the data. Returns the state and the last chunk's mean critic losses.
     """
-
     aux = {}
     done = 0
     while done < num_updates:
@@ -320,7 +324,11 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                 env_steps = steps
                 if algo.cost_feedback_gain > 0 and finished_costs:
                     state = _apply_cost_feedback(state, finished_costs, algo)
-                if cfg.critic_pretrain_updates and updates == 0 and env_steps >= cfg.learning_starts:
+                if (
+                    cfg.critic_pretrain_updates
+                    and updates == 0
+                    and env_steps >= cfg.learning_starts
+                ):
                     state, aux = pretrain_critics(
                         learner,
                         replay,

@@ -133,11 +133,18 @@ class CriticLossShapeTest(chex.TestCase):
 def test_cost_aggregate_chooses_how_cost_members_combine(how, expected):
     next_q_c = jnp.array([[[1.0]], [[3.0]], [[2.0]]])  # [N_c=3, M=1, B=1]
     _, y_c = td_targets(
-        jnp.zeros(1), jnp.zeros((1, 1)), jnp.zeros(1), jnp.zeros((1, 1)), next_q_c, 0.5,
+        jnp.zeros(1),
+        jnp.zeros((1, 1)),
+        jnp.zeros(1),
+        jnp.zeros((1, 1)),
+        next_q_c,
+        0.5,
         aggregate=how,
     )
     np.testing.assert_allclose(y_c, [[0.5 * expected]])
-    cfg = CVPOConfig(num_reward_critics=1, num_cost_critics=3, cost_aggregate=how, hidden_sizes=(4,))
+    cfg = CVPOConfig(
+        num_reward_critics=1, num_cost_critics=3, cost_aggregate=how, hidden_sizes=(4,)
+    )
     nets = make_networks(cfg, 2, [-1.0], [1.0])
     q = jnp.array([[5.0], [1.0], [3.0], [2.0]])  # [N = 1 + 3, B=1]
     _, q_c = nets.pessimistic(q)
@@ -146,8 +153,13 @@ def test_cost_aggregate_chooses_how_cost_members_combine(how, expected):
 
 def test_n_step_discount_replaces_the_one_step_bootstrap():
     y_r, y_c = td_targets(
-        jnp.array([1.0, 1.0]), jnp.zeros((2, 1)), jnp.zeros(2), jnp.full((1, 2), 10.0),
-        jnp.full((1, 1, 2), 4.0), 0.9, discount=jnp.array([0.9**3, 0.0]),
+        jnp.array([1.0, 1.0]),
+        jnp.zeros((2, 1)),
+        jnp.zeros(2),
+        jnp.full((1, 2), 10.0),
+        jnp.full((1, 1, 2), 4.0),
+        0.9,
+        discount=jnp.array([0.9**3, 0.0]),
     )
     np.testing.assert_allclose(y_r, [1 + 0.729 * 10, 1.0], rtol=1e-6)
     np.testing.assert_allclose(y_c, [[0.729 * 4], [0.0]], rtol=1e-6)

@@ -319,15 +319,21 @@ def scipy_min_cost(q_c, eps):
     """min_q mean_s E_q[Q_c] s.t. mean_s KL(q_s || uniform) <= eps, as a generic NLP
     over the per-state weights (softmax of free logits), in float64."""
     b, k = q_c.shape
+
     def unpack(x):
         return softmax(x.reshape(b, k), axis=1)
+
     def cost(x):
         return np.mean(np.sum(unpack(x) * q_c, axis=1))
+
     def kl(x):
         w = unpack(x)
         return np.mean(np.sum(w * (np.log(np.maximum(w, 1e-300)) + np.log(k)), axis=1))
+
     res = minimize(
-        cost, np.zeros(b * k), method="SLSQP",
+        cost,
+        np.zeros(b * k),
+        method="SLSQP",
         constraints=[{"type": "ineq", "fun": lambda x: eps - kl(x)}],
         options=dict(maxiter=500, ftol=1e-12),
     )

@@ -89,14 +89,18 @@ def test_sampler_over_a_vector_env_matches_hand_n_step_returns(num_envs, capacit
     state = replay.init()
     streams = [[] for _ in range(num_envs)]
     uid = 0
-    for t in range(steps):
+    for _ in range(steps):
         rows = []
         for e in range(num_envs):
             term = bool(rng.random() < 0.1)
             trunc = (not term) and bool(rng.random() < 0.1)
             step = dict(
-                uid=uid, r=float(rng.normal()), c=float(rng.random() < 0.3), term=term,
-                trunc=trunc, next=float(uid) + 0.5,
+                uid=uid,
+                r=float(rng.normal()),
+                c=float(rng.random() < 0.3),
+                term=term,
+                trunc=trunc,
+                next=float(uid) + 0.5,
             )
             uid += 1
             streams[e].append(step)
@@ -140,8 +144,12 @@ def test_cut_last_steps_marks_the_newest_vector_step_truncated():
         state = replay.add(
             state,
             Transition(
-                obs=jnp.full((2, 1), float(t)), action=jnp.zeros((2, 1)), reward=jnp.ones(2),
-                cost=jnp.zeros((2, 1)), next_obs=jnp.zeros((2, 1)), terminated=jnp.zeros(2),
+                obs=jnp.full((2, 1), float(t)),
+                action=jnp.zeros((2, 1)),
+                reward=jnp.ones(2),
+                cost=jnp.zeros((2, 1)),
+                next_obs=jnp.zeros((2, 1)),
+                terminated=jnp.zeros(2),
                 truncated=jnp.zeros(2),
             ),
         )

@@ -20,13 +20,36 @@ def _write(path, rows):
 def test_episode_means_are_weighted_by_episodes_and_diagnostics_averaged(tmp_path):
     rows = [
         dict(env_steps=1000, episodes=4, episode_return=100.0, episode_cost=0, **{"lambda": 9}),
-        dict(env_steps=2000, episodes=1, episode_return=10.0, episode_cost=50,
-             lambda_at_upper=1.0, lambda_at_lower=0.0, calib_qc_bias=0.5, calib_qc_mc=2.0,
-             **{"lambda": 1}),
-        dict(env_steps=3000, episodes=0, episode_return="", episode_cost="",
-             lambda_at_upper=0.0, lambda_at_lower=0.5, calib_qc_bias="", **{"lambda": 3}),
-        dict(env_steps=4000, episodes=3, episode_return=20.0, episode_cost=10,
-             lambda_at_upper=0.0, lambda_at_lower=0.0, **{"lambda": 5}),
+        dict(
+            env_steps=2000,
+            episodes=1,
+            episode_return=10.0,
+            episode_cost=50,
+            lambda_at_upper=1.0,
+            lambda_at_lower=0.0,
+            calib_qc_bias=0.5,
+            calib_qc_mc=2.0,
+            **{"lambda": 1},
+        ),
+        dict(
+            env_steps=3000,
+            episodes=0,
+            episode_return="",
+            episode_cost="",
+            lambda_at_upper=0.0,
+            lambda_at_lower=0.5,
+            calib_qc_bias="",
+            **{"lambda": 3},
+        ),
+        dict(
+            env_steps=4000,
+            episodes=3,
+            episode_return=20.0,
+            episode_cost=10,
+            lambda_at_upper=0.0,
+            lambda_at_lower=0.0,
+            **{"lambda": 5},
+        ),
     ]
     _write(tmp_path / "r", rows)
     s = window_summary(tmp_path / "r", 1000, 4000)

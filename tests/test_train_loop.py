@@ -193,7 +193,9 @@ def test_critic_pretraining_moves_only_the_critics(tmp_path):
     # total_steps = warm-up + one chunk: the state holds the pre-training and one chunk
     # of CVPO updates; compare with a run without pre-training.
     _, pre, _ = restore_state(result.run_dir)
-    plain = _train_with(tmp_path, "plain", algo, dataclasses.replace(cfg, critic_pretrain_updates=0))
+    plain = _train_with(
+        tmp_path, "plain", algo, dataclasses.replace(cfg, critic_pretrain_updates=0)
+    )
     _, base, _ = restore_state(plain.run_dir)
     assert not jax.tree.all(
         jax.tree.map(lambda a, b: bool(np.allclose(a, b)), pre.critic_params, base.critic_params)
@@ -209,9 +211,7 @@ def test_critic_update_step_leaves_the_policy_alone():
     state = learner.init(jax.random.PRNGKey(0))
     ex = example_transition(4, 2, 1)
     rng = np.random.default_rng(0)
-    batch = jax.tree.map(
-        lambda x: jax.numpy.asarray(rng.normal(size=(32, *x.shape)), x.dtype), ex
-    )
+    batch = jax.tree.map(lambda x: jax.numpy.asarray(rng.normal(size=(32, *x.shape)), x.dtype), ex)
     batch = batch._replace(terminated=batch.terminated * 0, truncated=batch.truncated * 0)
     step = jax.jit(lambda s, b: critic_update_step(s, b, learner.networks, ALGO))
     losses = []
