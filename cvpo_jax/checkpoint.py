@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from cvpo_jax.config import CVPOConfig, TrainConfig
@@ -108,22 +110,66 @@ def latest_step(run_dir: str | os.PathLike) -> int | None:
     return _manager(Path(run_dir), 1000).latest_step()
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; earlier checkpoints are untouched."""
+
+
+# Orbax refuses arrays with a zero-size dimension (e.g. the MJX state's `act` of a
+# robot without actuator activations). They hold no data, so they are saved as a
+# one-element placeholder and rebuilt from the restore template's shape and dtype.
+def _is_empty(x) -> bool:
+    return hasattr(x, "shape") and int(np.prod(x.shape)) == 0
+
+
+def _fill_empty(tree: Any) -> Any:
+    return jax.tree.map(lambda x: np.zeros((1,), x.dtype) if _is_empty(x) else x, tree)
+
+
+def _abstract(like: Any) -> Any:
+    def leaf(x):
+        if _is_empty(x):
+            return jax.ShapeDtypeStruct((1,), x.dtype)
+        return ocp.utils.to_shape_dtype_struct(x)
+
+    return jax.tree.map(leaf, like)
+
+
+def _unfill_empty(restored: Any, like: Any) -> Any:
+    return jax.tree.map(
+        lambda r, x: jnp.zeros(x.shape, x.dtype) if _is_empty(x) else r, restored, like
+    )
+
+
+def _save(run_dir: Path, step: int, keep: int, items: dict) -> None:
+    """Saves `items` (orbax args) as checkpoint `step`; failures name the run and step
+    (orbax's own message, kept in the error, names the leaf).
+
+    Orbax writes into a temporary directory and renames it when complete, so a failed
+    save leaves the earlier checkpoints as they were.
+    """
+    manager = _manager(run_dir, keep)
+    try:
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+        manager.wait_until_finished()
+    except Exception as err:  # noqa: BLE001 - re-raised with the context a user needs.
+        raise CheckpointError(
+            f"saving checkpoint {step} in {str(run_dir)!r} failed: {err}. Earlier checkpoints "
+            f"are kept (newest: {manager.latest_step()})."
+        ) from err
+    finally:
+        manager.close()
+
+
 def save_checkpoint(
     run_dir: Path, step: int, state: TrainState, replay: dict, loop: dict, keep: int
 ) -> None:
     """Writes checkpoint `step` (atomically) and prunes to the newest `keep`."""
-    manager = _manager(run_dir, keep)
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            replay=ocp.args.PyTreeSave(replay),
-            loop=ocp.args.JsonSave(loop),
-        ),
-        force=True,
-    )
-    manager.wait_until_finished()
-    manager.close()
+    items = {
+        "state": ocp.args.StandardSave(_fill_empty(state)),
+        "replay": ocp.args.PyTreeSave(replay),
+        "loop": ocp.args.JsonSave(loop),
+    }
+    _save(run_dir, step, keep, items)
 
 
 def restore_checkpoint(
@@ -138,26 +184,23 @@ def restore_checkpoint(
     if step is None:
         raise NotARunError(f"{str(run_dir)!r} holds no complete checkpoint to restore.")
     manager = _manager(run_dir, 1000)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    items = {"state": ocp.args.StandardRestore(abstract), "loop": ocp.args.JsonRestore()}
+    items = {"state": ocp.args.StandardRestore(_abstract(like)), "loop": ocp.args.JsonRestore()}
     if with_replay:
         items["replay"] = ocp.args.PyTreeRestore()
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     manager.close()
     replay = restored["replay"] if with_replay else None
-    return step, restored["state"], replay, restored["loop"]
+    return step, _unfill_empty(restored["state"], like), replay, restored["loop"]
 
 
 def save_tree_checkpoint(run_dir: Path, step: int, tree: Any, loop: dict, keep: int) -> None:
-    """Writes one pytree (e.g. the on-device loop's runner) and loop counters, atomically."""
-    manager = _manager(run_dir, keep)
-    manager.save(
-        step,
-        args=ocp.args.Composite(tree=ocp.args.StandardSave(tree), loop=ocp.args.JsonSave(loop)),
-        force=True,
-    )
-    manager.wait_until_finished()
-    manager.close()
+    """Writes one pytree (e.g. the on-device loop's runner) and loop counters, atomically.
+
+    Leaves of zero size (which orbax refuses) are stored as placeholders and rebuilt
+    by `restore_tree_checkpoint`.
+    """
+    items = {"tree": ocp.args.StandardSave(_fill_empty(tree)), "loop": ocp.args.JsonSave(loop)}
+    _save(run_dir, step, keep, items)
 
 
 def restore_loop_counters(run_dir: str | os.PathLike, step: int) -> dict:
@@ -170,9 +213,8 @@ def restore_loop_counters(run_dir: str | os.PathLike, step: int) -> dict:
 def restore_tree_checkpoint(run_dir: str | os.PathLike, like: Any, step: int) -> Any:
     """Restores the pytree saved by `save_tree_checkpoint`; `like` gives its structure."""
     manager = _manager(Path(run_dir), 1000)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     restored = manager.restore(
-        step, args=ocp.args.Composite(tree=ocp.args.StandardRestore(abstract))
+        step, args=ocp.args.Composite(tree=ocp.args.StandardRestore(_abstract(like)))
     )
     manager.close()
-    return restored["tree"]
+    return _unfill_empty(restored["tree"], like)
