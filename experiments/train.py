@@ -24,6 +24,7 @@ def default_run_dir(env: str, seed: int) -> Path:
 
 
 def _main(cfg: DictConfig) -> int:
+    from cvpo_jax.checkpoint import CheckpointError
     from cvpo_jax.envs.registry import resolve_env_id
     from cvpo_jax.train_loop import TrainingDiverged, prepare_run_dir, train
 
@@ -68,6 +69,9 @@ def _main(cfg: DictConfig) -> int:
             )
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)
+        return 1
+    except CheckpointError as err:
+        print(f"error: {err} Metrics so far are in {run_dir}.", file=sys.stderr)
         return 1
     row = result.last_row
     summary = f"[cvpo] {result.status} at env step {result.env_steps} ({result.updates} updates)"
