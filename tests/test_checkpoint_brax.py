@@ -28,7 +28,7 @@ def test_real_brax_env_state_round_trips_through_a_checkpoint(tmp_path, backend)
     ckpt.save_tree_checkpoint(tmp_path, 1, {"env_state": state}, {"k": 1}, keep=2)
     restored = ckpt.restore_tree_checkpoint(tmp_path, {"env_state": state}, 1)["env_state"]
     assert jax.tree.structure(restored) == jax.tree.structure(state)
-    for a, b in zip(jax.tree.leaves(restored), leaves):
+    for a, b in zip(jax.tree.leaves(restored), leaves, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The restored state steps on exactly like the original.
