@@ -174,8 +174,14 @@ def test_sharded_over_4_devices_equals_one_device(tmp_path):
             for key in ra:
                 if key in ("wall_time", "steps_per_s") or ra[key] == "":
                     continue
+                # atol: float32 rounding of near-zero values (e.g. the dual objective
+                # ~1e-3) differs with the XLA program's fusion across device layouts.
                 np.testing.assert_allclose(
-                    float(ra[key]), float(rb[key]), rtol=1e-5, err_msg=f"seed {seed} {key}"
+                    float(ra[key]),
+                    float(rb[key]),
+                    rtol=1e-5,
+                    atol=1e-6,
+                    err_msg=f"seed {seed} {key}",
                 )
     # The seeds differ from each other.
     finals = [
