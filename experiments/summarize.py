@@ -18,16 +18,14 @@ from omegaconf import DictConfig
 
 from cvpo_jax.plotting import seed_dirs
 from cvpo_jax.summary import markdown_header, markdown_row, window_summary
-from experiments.cli import UsageError, run_cli, to_dict
+from experiments.cli import UsageError, _unknown, run_cli, to_dict
 
 KEYS = {"run_dirs", "last", "window"}
 
 
 def _main(cfg: DictConfig) -> int:
     data = to_dict(cfg)
-    unknown = sorted(set(data) - KEYS)
-    if unknown:
-        raise UsageError(f"unknown key(s) {unknown}; allowed: {', '.join(sorted(KEYS))}.")
+    _unknown(data, KEYS, "summarize")
     dirs = data.get("run_dirs") or []
     dirs = [dirs] if isinstance(dirs, str) else dirs
     if not dirs:

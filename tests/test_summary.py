@@ -68,3 +68,27 @@ def test_episode_means_are_weighted_by_episodes_and_diagnostics_averaged(tmp_pat
 def test_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         window_summary(tmp_path / "nope", 0, 1)
+
+
+def test_summarize_cli_prints_one_row_per_run_and_rejects_bad_keys(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from experiments.cli import UsageError
+    from experiments.summarize import _main
+
+    rows = [
+        dict(env_steps=s, episodes=1, episode_return=float(s), episode_cost=1.0)
+        for s in (1000, 2000, 3000)
+    ]
+    _write(tmp_path / "a", rows)
+    _write(tmp_path / "b", rows)
+    cfg = OmegaConf.create(
+        {"run_dirs": [str(tmp_path / "a"), str(tmp_path / "b")], "last": 2000, "window": None}
+    )
+    assert _main(cfg) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and out[2].split("|")[2].strip() == "2500.0"  # rows 2000, 3000
+    with pytest.raises(UsageError, match="exactly one"):
+        _main(OmegaConf.create({"run_dirs": [str(tmp_path / "a")], "last": None, "window": None}))
+    with pytest.raises(UsageError, match="unknown"):
+        _main(OmegaConf.create({"run_dirs": [], "bogus": 1}))
