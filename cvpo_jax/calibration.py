@@ -64,11 +64,18 @@ def calibration_stats(q: np.ndarray, g: np.ndarray) -> dict[str, float]:
     return {"bias": float(np.mean(q - g)), "corr": corr, "mc": float(np.mean(g))}
 
 
+def _names(prefix: str, num_constraints: int) -> list[str]:
+    """Column names of a per-constraint statistic, as `run_logging.flat_metric_names`
+    names [M] metrics: `prefix` when M = 1, else `prefix_i`."""
+    if num_constraints == 1:
+        return [prefix]
+    return [f"{prefix}_{m}" for m in range(num_constraints)]
+
+
 def calibration_columns(num_constraints: int) -> list[str]:
     names = [f"calib_qr_{k}" for k in CALIBRATION_KEYS]
-    for m in range(num_constraints):
-        suffix = "" if num_constraints == 1 else f"_{m}"
-        names += [f"calib_qc_{k}{suffix}" for k in CALIBRATION_KEYS]
+    for k in CALIBRATION_KEYS:
+        names += _names(f"calib_qc_{k}", num_constraints)
     return names
 
 
@@ -111,7 +118,7 @@ class CalibrationTracker:
             if idx.size == 0:
                 continue
             g_r = discounted_to_go(np.asarray([e[2] for e in episode]), self.gamma)[idx]
-            costs = np.asarray([e[3] for e in episode]).reshape(len(episode), -1)
+            costs = np.stack([e[3] for e in episode])  # [T, M]
             g_c = discounted_to_go(costs, self.gamma)[idx]
             obs = np.zeros((self.max_points, *episode[0][0].shape), np.float32)
             act = np.zeros((self.max_points, *episode[0][1].shape), np.float32)
@@ -122,11 +129,13 @@ class CalibrationTracker:
 
     def interval_stats(self) -> dict[str, float]:
         pairs, self._pairs = self._pairs, []
-        cat = [np.concatenate([p[j] for p in pairs]) if pairs else np.zeros((0,)) for j in range(4)]
-        out = {f"calib_qr_{k}": v for k, v in calibration_stats(cat[0], cat[1]).items()}
-        for m in range(self.num_constraints):
-            suffix = "" if self.num_constraints == 1 else f"_{m}"
-            q_c = cat[2].reshape(-1, self.num_constraints)[:, m] if pairs else cat[2]
-            g_c = cat[3].reshape(-1, self.num_constraints)[:, m] if pairs else cat[3]
-            out.update({f"calib_qc_{k}{suffix}": v for k, v in calibration_stats(q_c, g_c).items()})
+        m = self.num_constraints
+        empty = (np.zeros((0,)), np.zeros((0,)), np.zeros((0, m)), np.zeros((0, m)))
+        q_r, g_r, q_c, g_c = (
+            np.concatenate([p[j] for p in pairs]) if pairs else empty[j] for j in range(4)
+        )
+        out = {f"calib_qr_{k}": v for k, v in calibration_stats(q_r, g_r).items()}
+        per_constraint = [calibration_stats(q_c[:, i], g_c[:, i]) for i in range(m)]
+        for k in CALIBRATION_KEYS:
+            out.update(zip(_names(f"calib_qc_{k}", m), (s[k] for s in per_constraint), strict=True))
         return out

@@ -48,7 +48,8 @@ class RunCurves:
     episode_cost: np.ndarray  # [T]
 
 
-def _float(text: str | None) -> float:
+def csv_float(text: str | None) -> float:
+    """A metrics.csv cell as a float; empty or unparsable cells are NaN."""
     try:
         return float(text) if text not in (None, "") else math.nan
     except ValueError:
@@ -82,7 +83,11 @@ def load_run(run_dir: str | os.PathLike) -> RunCurves:
         if missing:
             raise NotPlottableError(f"{str(path)!r} is empty or lacks the column(s) {missing}.")
         rows = [
-            (_float(r["env_steps"]), _float(r["episode_return"]), _float(r["episode_cost"]))
+            (
+                csv_float(r["env_steps"]),
+                csv_float(r["episode_return"]),
+                csv_float(r["episode_cost"]),
+            )
             for r in reader
         ]
     data = np.asarray(rows, np.float64).reshape(-1, 3)

@@ -152,7 +152,7 @@ class RunLogger:
         if self._updates:
             keys = self._updates[0].keys()
             values.update({k: float(np.mean([u[k] for u in self._updates])) for k in keys})
-        values.update({k: v for k, v in (extra or {}).items() if not _isnan(v)})
+        values.update(extra or {})
         return self.write_values(env_steps, wall_time, steps_per_s, updates, values)
 
     def write_values(

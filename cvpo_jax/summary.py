@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cvpo_jax.plotting import METRICS_FILE, csv_float
+
 # Column of metrics.csv -> name in the summary, for the interval-mean diagnostics.
 DIAGNOSTICS = {
     "lambda": "lambda",
@@ -30,56 +32,52 @@ DIAGNOSTICS = {
 }
 
 
-def _float(text) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def window_summary(run_dir: str | os.PathLike, lo: int, hi: int) -> dict[str, float]:
     """Summary of the rows with lo < env_steps <= hi of run_dir/metrics.csv (see module doc)."""
-    path = Path(run_dir) / "metrics.csv"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist: {run_dir} is not a run directory.")
     with path.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if lo < _float(r["env_steps"]) <= hi]
+        rows = [r for r in csv.DictReader(f) if lo < csv_float(r["env_steps"]) <= hi]
     out: dict[str, float] = {"rows": float(len(rows))}
-    episodes = np.asarray([_float(r.get("episodes")) for r in rows])
+    episodes = np.asarray([csv_float(r.get("episodes")) for r in rows])
     episodes = np.where(np.isnan(episodes), 0.0, episodes)
     out["episodes"] = float(episodes.sum())
     for key in ("episode_return", "episode_cost"):
-        values = np.asarray([_float(r.get(key)) for r in rows])
+        values = np.asarray([csv_float(r.get(key)) for r in rows])
         ok = ~np.isnan(values) & (episodes > 0)
         total = episodes[ok].sum()
         out[key] = float(np.sum(values[ok] * episodes[ok]) / total) if total > 0 else math.nan
     for column, name in DIAGNOSTICS.items():
-        values = np.asarray([_float(r.get(column)) for r in rows])
+        values = np.asarray([csv_float(r.get(column)) for r in rows])
         out[name] = float(np.nanmean(values)) if np.any(~np.isnan(values)) else math.nan
     out["lambda_at_bound"] = out["lambda_at_upper"] + out["lambda_at_lower"]
     return out
 
 
-TABLE_COLUMNS = (
-    ("return", "episode_return", "{:.1f}"),
-    ("cost", "episode_cost", "{:.1f}"),
-    ("lambda at bound", "lambda_at_bound", "{:.2f}"),
-    ("E-step feasible", "estep_feasible", "{:.2f}"),
-    ("Q_c bias (realised)", None, None),
-    ("steps/s", "steps_per_s", "{:.0f}"),
+TABLE_HEADER = (
+    "variant",
+    "return",
+    "cost",
+    "lambda at bound",
+    "E-step feasible",
+    "Q_c bias (realised)",
+    "steps/s",
 )
 
 
 def markdown_row(name: str, s: dict[str, float]) -> str:
-    cells = [name]
-    for _, key, fmt in TABLE_COLUMNS:
-        if key is None:
-            cells.append(f"{s['qc_bias']:+.2f} ({s['qc_mc']:.2f})")
-        else:
-            cells.append(fmt.format(s[key]))
+    cells = (
+        name,
+        f"{s['episode_return']:.1f}",
+        f"{s['episode_cost']:.1f}",
+        f"{s['lambda_at_bound']:.2f}",
+        f"{s['estep_feasible']:.2f}",
+        f"{s['qc_bias']:+.2f} ({s['qc_mc']:.2f})",
+        f"{s['steps_per_s']:.0f}",
+    )
     return "| " + " | ".join(cells) + " |"
 
 
 def markdown_header() -> str:
-    names = ["variant", *(c[0] for c in TABLE_COLUMNS)]
-    return "| " + " | ".join(names) + " |\n|" + "---|" * len(names)
+    return "| " + " | ".join(TABLE_HEADER) + " |\n|" + "---|" * len(TABLE_HEADER)
