@@ -96,11 +96,12 @@ def pretrain_critics(learner: Learner, replay, state, buffer_state, key, num_upd
     Keys come from `key` folded with the chunk index, so the result depends only on
     the seed and the data. Returns the state and the last chunk's mean critic losses.
     """
+    sample = jax.jit(replay.sample_many, static_argnums=2)
     aux = {}
     done = 0
     while done < num_updates:
         size = min(PRETRAIN_CHUNK, num_updates - done)
-        batches = replay.sample_many(buffer_state, jax.random.fold_in(key, done), size)
+        batches = sample(buffer_state, jax.random.fold_in(key, done), size)
         state, aux = learner.update_critics_many(state, batches)
         done += size
     return state, jax.tree.map(lambda x: float(jnp.mean(x)), jax.device_get(aux))
