@@ -96,10 +96,12 @@ class CalibrationTracker:
         gamma: float,
         tail_tol: float = 0.01,
         max_points: int = 64,
+        cost_gamma: float | None = None,
     ):
         self._q_fn = jax.jit(q_fn)  # (critic_params, obs [P, O], action [P, A]) -> ([P], [P, M])
         self.num_constraints = num_constraints
         self.gamma = gamma
+        self.cost_gamma = gamma if cost_gamma is None else cost_gamma
         self.tail_tol = tail_tol
         self.max_points = max_points
         self._episodes = [[] for _ in range(num_envs)]
@@ -113,13 +115,17 @@ class CalibrationTracker:
         for i in np.flatnonzero(np.asarray(done)):
             episode, self._episodes[i] = self._episodes[i], []
             idx = calibration_points(
-                len(episode), bool(terminated[i]), self.gamma, self.tail_tol, self.max_points
+                len(episode),
+                bool(terminated[i]),
+                max(self.gamma, self.cost_gamma),  # The longer horizon decides the tail.
+                self.tail_tol,
+                self.max_points,
             )
             if idx.size == 0:
                 continue
             g_r = discounted_to_go(np.asarray([e[2] for e in episode]), self.gamma)[idx]
             costs = np.stack([e[3] for e in episode])  # [T, M]
-            g_c = discounted_to_go(costs, self.gamma)[idx]
+            g_c = discounted_to_go(costs, self.cost_gamma)[idx]
             obs = np.zeros((self.max_points, *episode[0][0].shape), np.float32)
             act = np.zeros((self.max_points, *episode[0][1].shape), np.float32)
             obs[: idx.size] = np.stack([episode[t][0] for t in idx])

@@ -50,6 +50,11 @@ class CVPOConfig:
 
     # Critics.
     gamma: float = 0.99
+    # Discount of the cost critics and of the Q_c threshold (None: gamma). A shorter
+    # cost horizon keeps the constraint on the same average cost per step (the
+    # threshold is converted with this discount) while the cost critic only has to
+    # predict the next ~1/(1 - cost_gamma) steps.
+    cost_gamma: float | None = None
     tau: float = 0.05
     critic_lr: float = 1e-3
     n_step: int = 1  # n-step TD targets, cut at episode ends (see replay.nstep_transition).
@@ -160,6 +165,13 @@ class CVPOConfig:
             self.gamma,
             "in the open interval (0, 1)",
         )
+        _check(
+            self.cost_gamma is None
+            or (_is_number(self.cost_gamma) and 0.0 < self.cost_gamma < 1.0),
+            "cost_gamma",
+            self.cost_gamma,
+            "null (use gamma) or in the open interval (0, 1)",
+        )
         _check(_is_number(self.tau) and 0.0 < self.tau <= 1.0, "tau", self.tau, "in (0, 1]")
         for name in (
             "critic_lr",
@@ -212,10 +224,16 @@ class CVPOConfig:
         return len(self.cost_limit)
 
     @property
+    def gamma_cost(self) -> float:
+        """The cost critics' discount: `cost_gamma`, or `gamma` when that is None."""
+        return self.gamma if self.cost_gamma is None else float(self.cost_gamma)
+
+    @property
     def qc_threshold(self) -> tuple[float, ...]:
         """Per-step Q_c threshold for each constraint (see `episodic_to_q_threshold`)."""
         return tuple(
-            episodic_to_q_threshold(c, self.gamma, self.episode_length) for c in self.cost_limit
+            episodic_to_q_threshold(c, self.gamma_cost, self.episode_length)
+            for c in self.cost_limit
         )
 
     def replace(self, **changes: Any) -> CVPOConfig:

@@ -27,6 +27,8 @@ def td_targets(
     gamma: float,
     discount: chex.Array | None = None,
     aggregate: str = "max",
+    cost_gamma: float | None = None,
+    cost_discount: chex.Array | None = None,
 ) -> tuple[chex.Array, chex.Array]:
     """TD targets (one-step, or n-step when `discount` is given).
 
@@ -38,23 +40,30 @@ def td_targets(
       discount: [B] bootstrap factor of n-step transitions (gamma^m (1 - term)); None
         for one-step transitions, where it is gamma (1 - term).
       aggregate: how the cost members combine (`networks.cost_aggregate`).
+      cost_gamma: the cost discount (None: gamma).
+      cost_discount: [B] the cost's n-step bootstrap factor (None: one-step, or
+        `discount` when cost_gamma is None).
 
     Returns:
-      y_r [B] = r + d min_i Q_r_i;  y_c [B, M] = c + d agg_j Q_c_j, d the bootstrap factor.
+      y_r [B] = r + d min_i Q_r_i;  y_c [B, M] = c + d_c agg_j Q_c_j, d and d_c the
+      bootstrap factors.
     """
     chex.assert_rank([reward, cost, terminated, next_q_r, next_q_c], [1, 2, 1, 2, 3])
     batch = reward.shape[0]
     chex.assert_shape([cost, terminated], [(batch, next_q_c.shape[1]), (batch,)])
     chex.assert_equal_shape_suffix([next_q_r, next_q_c, reward], 1)
+    alive = 1.0 - terminated.astype(reward.dtype)
     if discount is None:
-        discount = gamma * (1.0 - terminated.astype(reward.dtype))
-    chex.assert_shape(discount, (batch,))
+        discount = gamma * alive
+    if cost_discount is None:
+        cost_discount = discount if cost_gamma is None else cost_gamma * alive
+    chex.assert_shape([discount, cost_discount], (batch,))
     y_r = reward + discount * jnp.min(next_q_r, axis=0)
-    y_c = cost + discount[:, None] * cost_aggregate(next_q_c, aggregate).T
+    y_c = cost + cost_discount[:, None] * cost_aggregate(next_q_c, aggregate).T
     return y_r, y_c
 
 
-def make_critic_loss(networks: Networks, gamma: float) -> Callable:
+def make_critic_loss(networks: Networks, gamma: float, cost_gamma: float | None = None) -> Callable:
     """Returns loss(critic_params, target_critic_params, target_policy_params, batch, key).
 
     The loss is the mean squared TD error, averaged over members and batch, of the
@@ -85,6 +94,8 @@ def make_critic_loss(networks: Networks, gamma: float) -> Callable:
             gamma,
             discount=batch.discount,
             aggregate=networks.cost_aggregate,
+            cost_gamma=cost_gamma,
+            cost_discount=batch.cost_discount,
         )
         y_r, y_c = jax.lax.stop_gradient((y_r, y_c))
         q_r, q_c = networks.split_critic_values(

@@ -263,5 +263,6 @@ def make_device_trainer(cfg: TrainConfig, algo: CVPOConfig, env) -> DeviceTraine
         n_step=algo.n_step,
         stride=cfg.num_envs,
         gamma=algo.gamma,
+        cost_gamma=algo.gamma_cost,
     )
     return DeviceTrainer(cfg=cfg, algo=algo, env=env, learner=learner, replay=replay)

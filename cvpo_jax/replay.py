@@ -43,6 +43,7 @@ class Replay(NamedTuple):
     n_step: int = 1
     stride: int = 1
     gamma: float = 0.99
+    cost_gamma: float | None = None
 
     def init(self):
         return self.buffer.init(self.example)
@@ -53,7 +54,9 @@ class Replay(NamedTuple):
     def sample(self, state, key: chex.PRNGKey) -> Transition:
         if self.n_step == 1:
             return self.buffer.sample(state, key).experience
-        return sample_nstep(state, key, self.batch_size, self.n_step, self.stride, self.gamma)
+        return sample_nstep(
+            state, key, self.batch_size, self.n_step, self.stride, self.gamma, self.cost_gamma
+        )
 
     def sample_many(self, state, key: chex.PRNGKey, num: int) -> Transition:
         """`num` independent batches, stacked: leaves [U, B, ...]."""
@@ -88,11 +91,13 @@ def make_replay(
     n_step: int = 1,
     stride: int = 1,
     gamma: float = 0.99,
+    cost_gamma: float | None = None,
 ) -> Replay:
     """A uniform replay of at most `capacity` transitions, sampling batches of B.
 
     With n_step > 1 samples are n-step transitions over items `stride` apart (the
-    number of envs adding one vector step at a time) discounted by `gamma`.
+    number of envs adding one vector step at a time) discounted by `gamma` (the cost
+    by `cost_gamma` when given).
     """
     if capacity < batch_size:
         raise ValueError(f"buffer capacity={capacity} must be >= batch_size={batch_size}.")
@@ -119,15 +124,18 @@ def make_replay(
         n_step=n_step,
         stride=stride,
         gamma=float(gamma),
+        cost_gamma=None if cost_gamma is None else float(cost_gamma),
     )
 
 
-def nstep_transition(seq: Transition, gamma: float) -> Transition:
+def nstep_transition(seq: Transition, gamma: float, cost_gamma: float | None = None) -> Transition:
     """Folds n consecutive transitions of one env into one n-step transition.
 
     Args:
       seq: leaves [B, n, ...]: steps t..t+n-1 of the same env, in order.
       gamma: discount.
+      cost_gamma: the cost's discount (None: gamma); it sets the cost sum's weights
+        and `cost_discount`.
 
     Returns:
       A Transition [B] with reward = sum_{j<m} gamma^j r_{t+j} (cost likewise, [B, M]),
@@ -141,28 +149,38 @@ def nstep_transition(seq: Transition, gamma: float) -> Transition:
     done = jnp.maximum(seq.terminated, seq.truncated).astype(jnp.float32)  # [B, n]
     # alive[:, j] = 1 while no earlier step of the window ended its episode.
     alive = jnp.cumprod(jnp.concatenate([jnp.ones_like(done[:, :1]), 1.0 - done[:, :-1]], 1), 1)
-    powers = gamma ** jnp.arange(n, dtype=jnp.float32)
-    weights = alive * powers  # [B, n]
+    steps = jnp.arange(n, dtype=jnp.float32)
+    weights = alive * gamma**steps  # [B, n]
+    gamma_c = gamma if cost_gamma is None else cost_gamma
+    cost_weights = alive * gamma_c**steps
     m = jnp.sum(alive, axis=1).astype(jnp.int32)  # [B], >= 1
     last = m - 1
     pick = lambda x: jnp.take_along_axis(  # noqa: E731
         x, last.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1
     )[:, 0]
     terminated = pick(seq.terminated)
+    alive_after = 1.0 - terminated.astype(jnp.float32)
     return Transition(
         obs=seq.obs[:, 0],
         action=seq.action[:, 0],
         reward=jnp.sum(weights * seq.reward, axis=1),
-        cost=jnp.einsum("bn,bnm->bm", weights, seq.cost),
+        cost=jnp.einsum("bn,bnm->bm", cost_weights, seq.cost),
         next_obs=pick(seq.next_obs),
         terminated=terminated,
         truncated=pick(seq.truncated),
-        discount=(gamma ** m.astype(jnp.float32)) * (1.0 - terminated.astype(jnp.float32)),
+        discount=(gamma ** m.astype(jnp.float32)) * alive_after,
+        cost_discount=(gamma_c ** m.astype(jnp.float32)) * alive_after,
     )
 
 
 def sample_nstep(
-    state, key: chex.PRNGKey, batch_size: int, n_step: int, stride: int, gamma: float
+    state,
+    key: chex.PRNGKey,
+    batch_size: int,
+    n_step: int,
+    stride: int,
+    gamma: float,
+    cost_gamma: float | None = None,
 ) -> Transition:
     """B uniform n-step transitions (see `nstep_transition`) from an item buffer state.
 
@@ -178,7 +196,7 @@ def sample_nstep(
     steps = jnp.arange(n_step) * stride
     idx = (head + offsets[:, None] + steps[None, :]) % capacity  # [B, n]
     seq = jax.tree.map(lambda x: x[idx], experience)
-    return nstep_transition(seq, gamma)
+    return nstep_transition(seq, gamma, cost_gamma)
 
 
 def num_items(state) -> int:

@@ -208,6 +208,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
         n_step=algo.n_step,
         stride=cfg.num_envs,
         gamma=algo.gamma,
+        cost_gamma=algo.gamma_cost,
     )
     act_fn, add_fn, learn_fn = make_jitted_steps(learner, replay, cfg.updates_per_chunk)
     k_init, k_act, k_learn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
@@ -239,6 +240,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
         cfg.num_envs,
         algo.num_constraints,
         algo.gamma,
+        cost_gamma=algo.gamma_cost,
     )
     logger = RunLogger(
         run_dir,

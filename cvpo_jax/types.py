@@ -32,6 +32,8 @@ class Transition(NamedTuple):
     discount [B] is set on n-step samples only (see `replay.nstep_transition`): the
     factor gamma^m (1 - terminated) of the bootstrap value after the m steps summed
     into reward and cost. None means a one-step transition: gamma (1 - terminated).
+    cost_discount [B] is the same factor for the cost (cost_gamma^m (1 - terminated)),
+    set on n-step samples only.
     """
 
     obs: chex.Array
@@ -42,6 +44,7 @@ class Transition(NamedTuple):
     terminated: chex.Array
     truncated: chex.Array
     discount: chex.Array | None = None
+    cost_discount: chex.Array | None = None
 
 
 @flax.struct.dataclass

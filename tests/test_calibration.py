@@ -74,3 +74,24 @@ def test_tracker_on_a_scripted_episode_with_known_returns():
 def test_column_names_per_constraint():
     assert "calib_qc_bias" in C.calibration_columns(1)
     assert {"calib_qc_bias_0", "calib_qc_bias_1"} <= set(C.calibration_columns(2))
+
+
+def test_tracker_discounts_the_cost_with_cost_gamma():
+    """Cost 1 per step discounted at 0.5, reward at 0.9: the realised cost-to-go of a
+    terminated T-step episode is (1 - 0.5^(T-t)) / 0.5 at step t."""
+    gamma, cost_gamma, T = 0.9, 0.5, 20
+
+    def q_fn(_, obs, action):
+        return jnp.zeros(obs.shape[0]), jnp.zeros((obs.shape[0], 1))
+
+    tracker = C.CalibrationTracker(q_fn, 1, 1, gamma, cost_gamma=cost_gamma)
+    for t in range(T):
+        obs = np.full((1, 1), t, np.float32)
+        tracker.record(obs, np.zeros((1, 1)), np.ones(1), np.ones((1, 1)))
+        done = np.array([t == T - 1])
+        tracker.finish(done, done, None)
+    stats = tracker.interval_stats()
+    mc_c = np.mean([(1 - cost_gamma ** (T - t)) / (1 - cost_gamma) for t in range(T)])
+    mc_r = np.mean([(1 - gamma ** (T - t)) / (1 - gamma) for t in range(T)])
+    assert stats["calib_qc_mc"] == pytest.approx(mc_c, rel=1e-6)
+    assert stats["calib_qr_mc"] == pytest.approx(mc_r, rel=1e-6)

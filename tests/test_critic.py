@@ -163,3 +163,61 @@ def test_n_step_discount_replaces_the_one_step_bootstrap():
     )
     np.testing.assert_allclose(y_r, [1 + 0.729 * 10, 1.0], rtol=1e-6)
     np.testing.assert_allclose(y_c, [[0.729 * 4], [0.0]], rtol=1e-6)
+
+
+def test_cost_gamma_discounts_only_the_cost_bootstrap():
+    # One ordinary and one terminated transition; reward at gamma 0.9, cost at 0.5.
+    args = (
+        jnp.array([1.0, 1.0]),
+        jnp.array([[2.0], [2.0]]),
+        jnp.array([0.0, 1.0]),
+        jnp.full((1, 2), 10.0),
+        jnp.full((1, 1, 2), 4.0),
+        0.9,
+    )
+    y_r, y_c = td_targets(*args, cost_gamma=0.5)
+    np.testing.assert_allclose(y_r, [1 + 0.9 * 10, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(y_c, [[2 + 0.5 * 4], [2.0]], rtol=1e-6)
+    # n-step samples carry their own factors; cost_discount wins over cost_gamma.
+    y_r, y_c = td_targets(
+        *args,
+        discount=jnp.array([0.81, 0.0]),
+        cost_gamma=0.5,
+        cost_discount=jnp.array([0.25, 0.0]),
+    )
+    np.testing.assert_allclose(y_r, [1 + 0.81 * 10, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(y_c, [[2 + 0.25 * 4], [2.0]], rtol=1e-6)
+
+
+def test_critic_loss_uses_the_configured_cost_gamma():
+    cfg = CVPOConfig(hidden_sizes=(8,), cost_gamma=0.5)
+    nets = make_networks(cfg, obs_size=3, action_low=-np.ones(2), action_high=np.ones(2))
+    k = jax.random.PRNGKey(0)
+    policy_params = nets.policy.init(k, jnp.zeros((1, 3)))
+    critic_params = nets.critic.init(k, jnp.zeros((1, 3)), jnp.zeros((1, 2)))
+    b = 4
+    batch = Transition(
+        obs=jax.random.normal(jax.random.PRNGKey(1), (b, 3)),
+        action=jnp.zeros((b, 2)),
+        reward=jnp.ones(b),
+        cost=jnp.ones((b, 1)),
+        next_obs=jax.random.normal(jax.random.PRNGKey(2), (b, 3)),
+        terminated=jnp.zeros(b),
+        truncated=jnp.zeros(b),
+    )
+    losses = {}
+    for gc in (0.5, None):
+        loss = make_critic_loss(nets, 0.9, gc)
+        _, aux = loss(critic_params, critic_params, policy_params, batch, k)
+        losses[gc] = (float(aux["critic_loss_reward"]), float(aux["critic_loss_cost"]))
+    assert losses[0.5][0] == losses[None][0]  # The reward part does not see cost_gamma.
+    assert losses[0.5][1] != losses[None][1]
+
+
+def test_threshold_uses_the_cost_discount():
+    cfg = CVPOConfig(gamma=0.99, cost_gamma=0.95, cost_limit=(25.0,), episode_length=1000)
+    assert cfg.gamma_cost == 0.95
+    np.testing.assert_allclose(cfg.qc_threshold, [25 * (1 - 0.95**1000) / (0.05 * 1000)])
+    assert CVPOConfig(gamma=0.9).gamma_cost == 0.9
+    with pytest.raises(ValueError, match="cost_gamma"):
+        CVPOConfig(cost_gamma=1.0)

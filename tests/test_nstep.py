@@ -165,3 +165,18 @@ def test_make_replay_rejects_bad_n_step():
         R.make_replay(100, 8, 1, 1, 1, n_step=0)
     with pytest.raises(ValueError, match="too small"):
         R.make_replay(10, 8, 1, 1, 1, n_step=6, stride=2)
+
+
+def test_cost_gamma_weights_the_cost_sum_and_its_bootstrap():
+    g, gc = 0.9, 0.5
+    out = R.nstep_transition(
+        _seq([1, 2, 3], [1, 1, 1], [0, 0, 0], [0, 0, 0], [10, 11, 12]), g, cost_gamma=gc
+    )
+    np.testing.assert_allclose(out.reward, [1 + g * 2 + g * g * 3], rtol=1e-6)
+    np.testing.assert_allclose(out.cost, [[1 + gc + gc * gc]], rtol=1e-6)
+    np.testing.assert_allclose(out.discount, [g**3], rtol=1e-6)
+    np.testing.assert_allclose(out.cost_discount, [gc**3], rtol=1e-6)
+    # Without cost_gamma both factors are gamma's.
+    out = R.nstep_transition(_seq([1, 2], [1, 1], [0, 1], [0, 0], [10, 11]), g)
+    np.testing.assert_allclose(out.cost_discount, [0.0])
+    np.testing.assert_allclose(out.cost, [[1 + g]], rtol=1e-6)
