@@ -59,6 +59,10 @@ class CVPOConfig:
     critic_lr: float = 1e-3
     n_step: int = 1  # n-step TD targets, cut at episode ends (see replay.nstep_transition).
     cost_aggregate: str = "max"  # How cost members combine: max (pessimistic), mean, min.
+    # How they combine in the TD target (None: cost_aggregate). "mean" here with "max"
+    # above keeps the E-step pessimistic without compounding the max through the
+    # bootstrap.
+    cost_target_aggregate: str | None = None
 
     # E-step.
     num_samples: int = 16  # K actions per state.
@@ -132,6 +136,12 @@ class CVPOConfig:
             "cost_aggregate",
             self.cost_aggregate,
             f"one of {', '.join(COST_AGGREGATES)}",
+        )
+        _check(
+            self.cost_target_aggregate is None or self.cost_target_aggregate in COST_AGGREGATES,
+            "cost_target_aggregate",
+            self.cost_target_aggregate,
+            f"null (as cost_aggregate) or one of {', '.join(COST_AGGREGATES)}",
         )
         for name in ("lambda_max_log_step", "cost_feedback_gain"):
             v = getattr(self, name)

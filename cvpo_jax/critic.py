@@ -1,7 +1,7 @@
 """Policy evaluation: TD targets and the critic loss for reward and cost ensembles.
 
 Reward targets take the min over reward critics, cost targets the max over cost
-critics by default (pessimistic on both; `cost_aggregate` may choose mean or min).
+critics by default (pessimistic on both; `cost_target_aggregate` may choose mean or min).
 Termination stops the bootstrap; truncation (a time limit) does not. n-step samples
 carry their own bootstrap factor (`Transition.discount`).
 """
@@ -93,7 +93,7 @@ def make_critic_loss(networks: Networks, gamma: float, cost_gamma: float | None 
             next_q_c,
             gamma,
             discount=batch.discount,
-            aggregate=networks.cost_aggregate,
+            aggregate=networks.cost_target_aggregate,
             cost_gamma=cost_gamma,
             cost_discount=batch.cost_discount,
         )

@@ -121,6 +121,7 @@ class Networks:
     num_constraints: int
     obs_size: int
     cost_aggregate: str = "max"
+    cost_target_aggregate: str = "max"  # Of the TD target (see CVPOConfig).
 
     @property
     def action_size(self) -> int:
@@ -201,6 +202,7 @@ def make_networks(
         num_constraints=cfg.num_constraints,
         obs_size=int(obs_size),
         cost_aggregate=cfg.cost_aggregate,
+        cost_target_aggregate=cfg.cost_target_aggregate or cfg.cost_aggregate,
     )
 
 

@@ -221,3 +221,36 @@ def test_threshold_uses_the_cost_discount():
     assert CVPOConfig(gamma=0.9).gamma_cost == 0.9
     with pytest.raises(ValueError, match="cost_gamma"):
         CVPOConfig(cost_gamma=1.0)
+
+
+def test_cost_target_aggregate_sets_the_target_and_leaves_the_estep_view():
+    """max for the E-step with mean in the target: the loss equals that of mean
+    everywhere, while `pessimistic` still takes the max."""
+    kw = dict(num_reward_critics=1, num_cost_critics=2, hidden_sizes=(8,))
+    split = CVPOConfig(cost_aggregate="max", cost_target_aggregate="mean", **kw)
+    mean = CVPOConfig(cost_aggregate="mean", **kw)
+    maxed = CVPOConfig(cost_aggregate="max", **kw)
+    nets = {
+        n: make_networks(c, 3, [-1.0], [1.0])
+        for n, c in [("s", split), ("mn", mean), ("mx", maxed)]
+    }
+    k = jax.random.PRNGKey(0)
+    pp = nets["s"].policy.init(k, jnp.zeros((1, 3)))
+    cp = nets["s"].critic.init(jax.random.PRNGKey(3), jnp.zeros((1, 3)), jnp.zeros((1, 1)))
+    b = 6
+    batch = Transition(
+        obs=jax.random.normal(jax.random.PRNGKey(1), (b, 3)),
+        action=jnp.zeros((b, 1)),
+        reward=jnp.ones(b),
+        cost=jnp.ones((b, 1)),
+        next_obs=jax.random.normal(jax.random.PRNGKey(2), (b, 3)),
+        terminated=jnp.zeros(b),
+        truncated=jnp.zeros(b),
+    )
+    loss = {n: float(make_critic_loss(v, 0.9)(cp, cp, pp, batch, k)[0]) for n, v in nets.items()}
+    assert loss["s"] == pytest.approx(loss["mn"], rel=1e-6)
+    assert loss["s"] != pytest.approx(loss["mx"], rel=1e-6)
+    q = jnp.array([[5.0], [1.0], [3.0]])  # [N = 1 + 2, B=1]
+    np.testing.assert_allclose(nets["s"].pessimistic(q)[1], [[3.0]])
+    with pytest.raises(ValueError, match="cost_target_aggregate"):
+        CVPOConfig(cost_target_aggregate="median")
