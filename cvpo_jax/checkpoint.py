@@ -40,6 +40,7 @@ class RunSpec:
     obs_size: int
     action_low: tuple[float, ...]
     action_high: tuple[float, ...]
+    backend: str | None = None  # The physics backend of a JAX env; None on the host.
 
     @classmethod
     def for_env(cls, train: TrainConfig, algo: CVPOConfig, env: Any) -> RunSpec:
@@ -51,6 +52,7 @@ class RunSpec:
             obs_size=int(env.observation_size),
             action_low=tuple(float(x) for x in env.action_low),
             action_high=tuple(float(x) for x in env.action_high),
+            backend=getattr(env, "backend", None),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -61,6 +63,7 @@ class RunSpec:
             "obs_size": self.obs_size,
             "action_low": list(self.action_low),
             "action_high": list(self.action_high),
+            "backend": self.backend,
         }
 
     @classmethod
@@ -72,6 +75,7 @@ class RunSpec:
             obs_size=int(data["obs_size"]),
             action_low=tuple(data["action_low"]),
             action_high=tuple(data["action_high"]),
+            backend=data.get("backend"),  # Absent in runs saved before it was recorded.
         )
 
 
@@ -107,7 +111,12 @@ def latest_step(run_dir: str | os.PathLike) -> int | None:
     directory = Path(run_dir) / CHECKPOINT_DIR
     if not directory.is_dir():
         return None
-    return _manager(Path(run_dir), 1000).latest_step()
+    # Read from the directory names, not through orbax: that would start the JAX
+    # runtime, and the env subprocesses forked after it would warn of deadlocks.
+    # Orbax writes to `<step>.orbax-checkpoint-tmp-*` and renames on completion, so a
+    # purely numeric name is a complete checkpoint.
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+    return max(steps, default=None)
 
 
 class CheckpointError(RuntimeError):

@@ -86,6 +86,10 @@ def train_on_device(
         saved = ckpt.load_run_spec(run_dir)
         if saved.algo != algo or saved.env_id != spec.env_id:
             raise ValueError("resume=true needs the algorithm and environment of the run.")
+        if saved.backend is not None and saved.backend != spec.backend:
+            raise ValueError(
+                f"the run was trained with backend={saved.backend!r}; got {spec.backend!r}."
+            )
         step = ckpt.latest_step(run_dir)
         loop = ckpt.restore_loop_counters(run_dir, step)
         if int(loop["num_seeds"]) != num_seeds:

@@ -54,12 +54,25 @@ class TrainResult:
     last_row: dict
 
 
+def env_start_method() -> str | None:
+    """How env subprocesses start: fork (None) before the JAX runtime exists, and
+    "forkserver" once it does, because forking its threads can deadlock (and JAX
+    warns). Forkserver workers import Safety-Gymnasium afresh: ~1-2 s once per run."""
+    from jax._src import xla_bridge  # No public API tells whether backends started.
+
+    return "forkserver" if xla_bridge.backends_are_initialized() else None
+
+
 def make_env(cfg: TrainConfig):
     """The default environment factory: a Safety-Gymnasium vector env."""
     from cvpo_jax.envs.safety_gymnasium import SafetyGymVectorEnv
 
+    asynchronous = cfg.async_envs and cfg.num_envs > 1
     return SafetyGymVectorEnv(
-        cfg.env, cfg.num_envs, asynchronous=cfg.async_envs and cfg.num_envs > 1
+        cfg.env,
+        cfg.num_envs,
+        asynchronous=asynchronous,
+        context=env_start_method() if asynchronous else None,
     )
 
 

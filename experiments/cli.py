@@ -48,13 +48,46 @@ def build_configs(
     return train, CVPOConfig(cost_limit=limits, **algo)
 
 
-def run_cli(main: Callable[[], int | None]) -> None:
-    """Runs `main`, turning usage errors into one-line messages and exit status 2."""
+def run_job(main: Callable[[], int | None]) -> int:
+    """Runs `main`; a usage error becomes a one-line message and status 2."""
     from cvpo_jax.checkpoint import NotARunError
 
     try:
         code = main()
     except (UsageError, NotARunError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code or 0)
+        return 2
+    return code or 0
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Runs `main` and exits with its status (see `run_job`)."""
+    sys.exit(run_job(main))
+
+
+class SweepReport:
+    """The jobs of one Hydra sweep (`-m`): each runs whatever the others did, and
+    the process exits non-zero at the end if any failed."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+        self.jobs = 0
+
+    def job_done(self, code: int, overrides: list[str]) -> None:
+        self.jobs += 1
+        if code:
+            line = " ".join(overrides) or "(no overrides)"
+            self.failed.append(f"{line} (exit status {code})")
+            print(f"[cvpo] sweep job failed with exit status {code}: {line}", file=sys.stderr)
+
+    def finish(self) -> None:
+        if not self.jobs:
+            return  # Not a sweep: the single run exited with its own status.
+        if self.failed:
+            print(
+                f"[cvpo] sweep: {len(self.failed)} of {self.jobs} job(s) failed:\n  "
+                + "\n  ".join(self.failed),
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        print(f"[cvpo] sweep: all {self.jobs} job(s) completed.", file=sys.stderr)

@@ -3,6 +3,12 @@
     python -m experiments.train env=CarGoal1 total_steps=200000 seed=1 cost_limit=25
     python -m experiments.train run_dir=runs/my-run resume=true total_steps=400000
 
+A resumed run keeps the configuration saved in its run.json (see experiments/resume.py).
+A seed sweep runs every job, each in <sweep dir>/<its overrides> unless run_dir is given
+(e.g. 'run_dir=runs/x/seed${seed}', quoted for the shell):
+
+    python -m experiments.train -m seed=0,1,2 env=PointGoal1 total_steps=300000
+
 See experiments/conf/train.yaml for every key.
 """
 
@@ -13,9 +19,12 @@ import time
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from experiments.cli import UsageError, build_configs, run_cli
+from experiments.cli import SweepReport, UsageError, build_configs, run_cli, run_job
+from experiments.resume import override_keys, resumed_config
 
 
 def default_run_dir(env: str, seed: int) -> Path:
@@ -23,16 +32,33 @@ def default_run_dir(env: str, seed: int) -> Path:
     return Path("runs") / env.replace("/", "_") / f"seed{seed}-{stamp}"
 
 
-def _main(cfg: DictConfig) -> int:
+def _resumed(cfg: DictConfig, given: list[str]) -> DictConfig:
+    """The configuration saved in the run's run.json, with the allowed changes."""
+    from cvpo_jax import checkpoint as ckpt
+    from cvpo_jax.envs.registry import resolve_env_id
+
+    if cfg.run_dir is None:
+        raise UsageError("resume=true needs the run_dir of the run to continue.")
+    spec = ckpt.load_run_spec(cfg.run_dir)
+    num_seeds = None
+    if spec.env_id.startswith("brax/"):
+        step = ckpt.latest_step(cfg.run_dir)
+        if step is not None:
+            num_seeds = int(ckpt.restore_loop_counters(cfg.run_dir, step)["num_seeds"])
+    env_id = resolve_env_id(str(cfg.env)) if "env" in given else None
+    return resumed_config(cfg, given, spec, env_id, num_seeds)
+
+
+def _main(cfg: DictConfig, given: list[str]) -> int:
     from cvpo_jax.checkpoint import CheckpointError
     from cvpo_jax.envs.registry import resolve_env_id
     from cvpo_jax.train_loop import TrainingDiverged, prepare_run_dir, train
 
     # Everything that can be wrong with the command line fails here, before any work.
+    if cfg.resume:
+        cfg = _resumed(cfg, given)
     env_id = resolve_env_id(str(cfg.env))
     train_cfg, algo = build_configs(cfg)
-    if cfg.run_dir is None and cfg.resume:
-        raise UsageError("resume=true needs the run_dir of the run to continue.")
     run_dir = Path(cfg.run_dir) if cfg.run_dir is not None else default_run_dir(env_id, cfg.seed)
     prepare_run_dir(run_dir, bool(cfg.resume))
 
@@ -101,9 +127,40 @@ def _train_on_device(cfg, train_cfg, algo, env_id, run_dir):
     )
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    run_cli(lambda: _main(cfg))
+def swept_keys(args: list[str]) -> set[str]:
+    """The keys a command line sweeps over (`seed=0,1`, `algo.tau=range(...)`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(
+        [a for a in args if "=" in a and not a.startswith("-")]
+    )
+    return {o.key_or_group for o in overrides if o.is_sweep_override()}
+
+
+def sweep_run_dir(hydra_cfg, swept: set[str]) -> Path:
+    """A sweep job's default run_dir: <sweep dir>/<its swept values>, e.g.
+    runs/sweeps/20261201-141500/seed=1."""
+    values = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0] in swept]
+    return Path(hydra_cfg.sweep.dir) / (",".join(sorted(values)) or f"job{hydra_cfg.job.num}")
+
+
+def main() -> None:
+    """One run, or with `-m` every job of a sweep (a failed job does not stop it)."""
+    report = SweepReport()
+    swept = swept_keys(sys.argv[1:])
+
+    @hydra.main(version_base=None, config_path="conf", config_name="train")
+    def task(cfg: DictConfig) -> None:
+        hydra_cfg = HydraConfig.get()
+        given = override_keys(hydra_cfg.overrides.task)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            run_cli(lambda: _main(cfg, given))
+        if cfg.run_dir is None:
+            cfg.run_dir = str(sweep_run_dir(hydra_cfg, swept))
+        report.job_done(run_job(lambda: _main(cfg, given)), list(hydra_cfg.overrides.task))
+
+    task()
+    report.finish()
 
 
 if __name__ == "__main__":

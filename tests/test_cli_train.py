@@ -101,6 +101,7 @@ def test_end_to_end_cargoal1_train_and_resume(tmp_path):
     proc = run_train(*common, "total_steps=2000", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "completed at env step 2000" in proc.stderr
+    assert "os.fork()" not in proc.stderr
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["env_steps"]) for r in rows] == [500, 1000, 1500, 2000]
@@ -113,11 +114,49 @@ def test_end_to_end_cargoal1_train_and_resume(tmp_path):
     assert (run_dir / "checkpoints" / "2000").is_dir()
     assert (run_dir / "run.json").is_file()
     assert not list(tmp_path.glob("MUJOCO_LOG.TXT"))
-    # Resume continues from the checkpoint to a larger budget.
-    proc = run_train(*common, "total_steps=2500", "resume=true", cwd=tmp_path)
+    # A key that differs from the saved run fails in one line naming only that key.
+    proc = run_train(f"run_dir={run_dir}", "resume=true", "algo.num_samples=16", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "algo.num_samples=16 (the run has 8)" in proc.stderr
+    assert "hidden_sizes" not in proc.stderr
+    # Resume reads the rest from run.json: no algo keys retyped, and the env
+    # subprocesses start without forking a running JAX runtime.
+    proc = run_train(
+        f"run_dir={run_dir}", "resume=true", "total_steps=2500", "progress=false", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "completed at env step 2500" in proc.stderr
+    assert "os.fork()" not in proc.stderr
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["env_steps"]) for r in rows] == [500, 1000, 1500, 2000, 2500]
     assert int(rows[-1]["updates"]) == int(rows[-2]["updates"]) + 100  # 500 steps x 0.2.
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_job_and_reports_the_failed_one(tmp_path):
+    """`-m`: a failing job (tau out of range) is reported and the next job still
+    trains, in its own run_dir under the sweep dir; the exit status is 1."""
+    proc = run_train(
+        "-m",
+        "algo.tau=2.0,0.5",
+        "env=CarGoal1",
+        "num_envs=1",
+        "total_steps=600",
+        "warmup_steps=500",
+        "log_every=300",
+        "checkpoint_every=600",
+        "progress=false",
+        "hydra.sweep.dir=sweep",
+        *TINY_ALGO,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "sweep job failed with exit status 2: algo.tau=2.0" in proc.stderr
+    assert "1 of 2 job(s) failed" in proc.stderr
+    job_dirs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert job_dirs == ["algo.tau=0.5"]
+    with open(tmp_path / "sweep" / job_dirs[0] / "metrics.csv", newline="") as f:
+        assert [int(r["env_steps"]) for r in csv.DictReader(f)] == [300, 600]
+    assert (tmp_path / "sweep" / "multirun.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # Nothing else left.
