@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import math
 import os
 import re
@@ -121,22 +122,67 @@ def seed_dirs(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def load_runs(run_dir: str | os.PathLike) -> list[RunCurves]:
-    """The runs in a directory: [the run] for a run, one per seed for a multi-seed run.
+    """The runs in a directory: [the run] for a run, one per seed for a multi-seed run,
+    and every run below a folder of runs (a sweep directory, runs/<env>/).
 
     A directory with its own metrics.csv is one run. Otherwise its ``seed<i>/``
     subdirectories holding a metrics.csv (what ``train_on_device`` writes) are its
-    seeds, loaded in seed order.
+    seeds, loaded in seed order. Otherwise each subdirectory that holds a run (or a
+    multi-seed run) contributes its runs, in name order.
 
     Raises:
-      NotPlottableError: neither, or a seed with nothing to plot yet.
+      NotPlottableError: none of these, or a run with nothing to plot yet.
     """
     run_dir = Path(run_dir)
     if (run_dir / METRICS_FILE).is_file():
         return [load_run(run_dir)]
     seeds = seed_dirs(run_dir)
-    if not seeds:
+    if seeds:
+        return [load_run(path) for path in seeds]
+    children = sorted(p for p in run_dir.iterdir() if p.is_dir()) if run_dir.is_dir() else []
+    runs = [c for c in children if (c / METRICS_FILE).is_file() or seed_dirs(c)]
+    if not runs:
         return [load_run(run_dir)]  # Raises the reason it is not a run.
-    return [load_run(path) for path in seeds]
+    return [run for c in runs for run in load_runs(c)]
+
+
+def expand_run_dirs(patterns: Sequence[str | os.PathLike]) -> list[Path]:
+    """Paths with glob patterns (``runs/SafetyPointGoal1-v0/*``) expanded to the
+    matching directories, in name order; other paths as given, duplicates dropped.
+
+    Raises:
+      NotPlottableError: a pattern that matches no directory.
+    """
+    out: list[Path] = []
+    for pattern in patterns:
+        text = os.path.expanduser(str(pattern))
+        if not glob.has_magic(text):
+            out.append(Path(text))
+            continue
+        matches = sorted(Path(m) for m in glob.glob(text) if Path(m).is_dir())
+        if not matches:
+            raise NotPlottableError(f"{text!r} matches no directory.")
+        out.extend(matches)
+    return list(dict.fromkeys(out))
+
+
+def smooth(run: RunCurves, window: int) -> RunCurves:
+    """The run with return and cost replaced by their trailing moving average over
+    `window` logged rows (fewer at the start); window 1 leaves it unchanged."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"smooth={window!r} must be an integer >= 1 (logged rows).")
+
+    def trailing_mean(x: np.ndarray) -> np.ndarray:
+        total = np.cumsum(np.concatenate([[0.0], x]))
+        n = np.arange(1, x.shape[0] + 1)
+        lo = np.maximum(n - window, 0)
+        return (total[n] - total[lo]) / (n - lo)
+
+    return dataclasses.replace(
+        run,
+        episode_return=trailing_mean(run.episode_return),
+        episode_cost=trailing_mean(run.episode_cost),
+    )
 
 
 def group_runs(runs: Sequence[RunCurves]) -> list[list[RunCurves]]:
@@ -177,8 +223,8 @@ def _group_label(group: Sequence[RunCurves], band: str, several_groups: bool) ->
     env_id = group[0].env_id
     if len(group) == 1:
         label = group[0].run_dir.name or str(group[0].run_dir)
-        return f"{env_id}: {label}" if several_groups else label
-    return f"{env_id}: mean of {len(group)} runs ({band} band)"
+        return f"{env_id}: {label} (1 seed)" if several_groups else f"{label} (1 seed)"
+    return f"{env_id}: mean of {len(group)} seeds ({band} band)"
 
 
 def plot_runs(

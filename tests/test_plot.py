@@ -15,10 +15,12 @@ from cvpo_jax.config import CVPOConfig, TrainConfig
 from cvpo_jax.plotting import (
     NotPlottableError,
     aggregate,
+    expand_run_dirs,
     group_runs,
     load_run,
     load_runs,
     plot_runs,
+    smooth,
 )
 from experiments.cli import UsageError
 from experiments.plot import parse_args
@@ -242,3 +244,44 @@ def test_plots_a_multi_seed_run_of_the_on_device_loop(tmp_path):
     assert not np.allclose(runs[0].episode_return, runs[1].episode_return)  # Their own seeds.
     out = plot_runs(runs, tmp_path / "curves.png")
     assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_smooth_is_a_trailing_moving_average(tmp_path):
+    run = load_run(
+        make_run(
+            tmp_path / "r",
+            [(s, float(s // 1000), 10.0 * (s // 1000)) for s in range(1000, 5001, 1000)],
+        )
+    )
+    out = smooth(run, 2)
+    np.testing.assert_allclose(out.episode_return, [1.0, 1.5, 2.5, 3.5, 4.5])
+    np.testing.assert_allclose(out.episode_cost, [10.0, 15.0, 25.0, 35.0, 45.0])
+    np.testing.assert_array_equal(out.env_steps, run.env_steps)
+    np.testing.assert_allclose(smooth(run, 1).episode_return, run.episode_return)
+    np.testing.assert_allclose(smooth(run, 99).episode_return, [1.0, 1.5, 2.0, 2.5, 3.0])
+    with pytest.raises(ValueError, match="smooth"):
+        smooth(run, 0)
+
+
+def test_a_folder_of_runs_and_a_glob_give_all_its_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    for name in ("seed=1", "seed=0"):
+        make_run(sweep / name, [(1000, 1.0, 5.0)])
+    multi_seed_run(sweep / "zz-device", n=2)
+    (sweep / "empty").mkdir()
+    names = [str(r.run_dir.relative_to(sweep)) for r in load_runs(sweep)]
+    assert names == ["seed=0", "seed=1", "zz-device/seed0", "zz-device/seed1"]
+    got = expand_run_dirs([f"{sweep}/seed=*", sweep / "seed=0"])
+    assert got == [sweep / "seed=0", sweep / "seed=1"]
+    with pytest.raises(NotPlottableError, match="matches no directory"):
+        expand_run_dirs([f"{sweep}/nothing*"])
+
+
+def test_cli_plots_a_glob_smoothed_and_says_how_many_seeds(tmp_path):
+    seeds(tmp_path / "runs", 2)
+    out = tmp_path / "c.png"
+    proc = run_cli(f"run_dirs={tmp_path}/runs/seed*", "smooth=3", f"out={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    proc = run_cli(f"sweep_dir={tmp_path}/runs", "smooth=0", cwd=tmp_path)
+    assert proc.returncode == 2 and "smooth=0 is invalid" in proc.stderr
