@@ -4,11 +4,15 @@
     python -m experiments.evaluate run_dir=... episodes=20 seed=1 step=100000
     python -m experiments.evaluate run_dir=... video=true            # mp4 in <run_dir>/eval/
     python -m experiments.evaluate run_dir=... deterministic=false   # sample actions
+    python -m experiments.evaluate 'run_dirs=[A,B,C]'   # or a glob, or sweep_dir=<folder>
 
 Prints the return and cost (mean ± std over episodes) next to the run's cost limit
 and the training-time numbers (last metrics.csv row with finished episodes), and
 writes them to <run_dir>/eval/eval_step<step>.json (eval_step<step>_stochastic.json
-with deterministic=false). See experiments/conf/evaluate.yaml for every key.
+with deterministic=false). Several runs (e.g. seeds) are evaluated one after the
+other and summarised in one table (per run, and mean ± std over runs) and one JSON
+(`out`, default <parent of the first run>/eval_<n>runs.json).
+See experiments/conf/evaluate.yaml for every key.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from experiments.cli import UsageError, run_cli, to_dict
 
 KEYS = {
     "run_dir",
+    "run_dirs",
+    "sweep_dir",
+    "out",
     "episodes",
     "seed",
     "step",
@@ -63,10 +70,9 @@ def parse_args(cfg: DictConfig) -> dict[str, Any]:
     unknown = sorted(set(data) - KEYS)
     if unknown:
         raise UsageError(f"unknown key(s) {unknown}; allowed: {', '.join(sorted(KEYS))}.")
-    if data.get("run_dir") in (None, ""):
-        raise UsageError("run_dir is required: python -m experiments.evaluate run_dir=<run>.")
     args = {
-        "run_dir": Path(str(data["run_dir"])).expanduser(),
+        "run_dirs": _run_dirs(data),
+        "out": None if data.get("out") in (None, "") else Path(str(data["out"])).expanduser(),
         "episodes": _int(data, "episodes", 1),
         "seed": _int(data, "seed", 0),
         "step": _int(data, "step", 0, allow_none=True),
@@ -82,7 +88,39 @@ def parse_args(cfg: DictConfig) -> dict[str, Any]:
         if not args["video"]:
             raise UsageError("video_path is set but video=false; pass video=true to record.")
         args["video_path"] = Path(str(args["video_path"])).expanduser()
+    if args["video"] and len(args["run_dirs"]) > 1:
+        raise UsageError("video=true records one run: pass a single run_dir.")
+    if args["out"] is not None and len(args["run_dirs"]) == 1:
+        raise UsageError("out names the summary of several runs; one run writes <run_dir>/eval/.")
     return args
+
+
+def _run_dirs(data: dict) -> list[Path]:
+    """run_dir, run_dirs (globs allowed) and sweep_dir (a folder of runs) as run paths."""
+    from cvpo_jax.plotting import NotPlottableError, expand_run_dirs, seed_dirs
+
+    dirs = data.get("run_dirs") or []
+    dirs = [dirs] if isinstance(dirs, str) else list(dirs)
+    if data.get("run_dir") not in (None, ""):
+        dirs = [data["run_dir"], *dirs]
+    try:
+        paths = expand_run_dirs(dirs)
+    except NotPlottableError as err:
+        raise UsageError(str(err)) from err
+    sweep = data.get("sweep_dir")
+    if sweep not in (None, ""):
+        sweep = Path(str(sweep)).expanduser()
+        children = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() else []
+        found = [p for p in children if (p / "run.json").is_file() and not seed_dirs(p)]
+        if not found:
+            raise UsageError(f"sweep_dir={str(sweep)!r} holds no run directories.")
+        paths = list(dict.fromkeys([*paths, *found]))
+    if not paths:
+        raise UsageError(
+            "run_dir is required: python -m experiments.evaluate run_dir=<run> "
+            "(or run_dirs=[<run>,...], a glob, or sweep_dir=<folder of runs>)."
+        )
+    return paths
 
 
 def _mean_std(values) -> str:
@@ -131,12 +169,61 @@ def report(spec, step: int, result, training: dict | None, run_dir: Path) -> str
     return "\n".join(lines)
 
 
+def summary_table(results: list[dict]) -> str:
+    """Per-run means and the mean ± std over runs (population std, as over episodes)."""
+    import numpy as np
+
+    lines = [f"  {'run':<40}  {'step':>8}  {'return':>16}  {'cost':>16}"]
+    for r in results:
+        lines.append(
+            f"  {str(r['run_dir'])[-40:]:<40}  {r['step']:>8}  "
+            f"{_mean_std(r['returns']):>16}  {_mean_std(r['costs']):>16}"
+        )
+    ret = np.array([np.mean(r["returns"]) for r in results])
+    cost = np.array([np.mean(r["costs"]) for r in results])
+    lines.append(
+        f"  {'mean ± std over ' + str(len(results)) + ' runs':<40}  {'':>8}  "
+        f"{_mean_std(ret):>16}  {_mean_std(cost):>16}"
+    )
+    return "\n".join(lines)
+
+
 def _main(cfg: DictConfig) -> int:
     args = parse_args(cfg)
+    results = []
+    for run_dir in args["run_dirs"]:
+        data = _evaluate(run_dir, args)
+        if data is None:
+            return 1
+        results.append(data)
+    if len(results) == 1:
+        return 0
+    import numpy as np
+
+    from cvpo_jax import evaluation
+
+    print("\n" + summary_table(results))
+    out = args["out"] or args["run_dirs"][0].parent / f"eval_{len(results)}runs.json"
+    means = {k: [float(np.mean(r[k])) for r in results] for k in ("returns", "costs")}
+    evaluation.write_result(
+        out,
+        {
+            "runs": results,
+            "return_mean": float(np.mean(means["returns"])),
+            "return_std_over_runs": float(np.std(means["returns"])),
+            "cost_mean": float(np.mean(means["costs"])),
+            "cost_std_over_runs": float(np.std(means["costs"])),
+        },
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _evaluate(run_dir: Path, args: dict) -> dict | None:
+    """Evaluates one run, prints its report and writes its JSON; None on a render error."""
     # Before anything imports mujoco: headless rendering needs MUJOCO_GL set.
     from cvpo_jax import evaluation
 
-    run_dir = args["run_dir"]
     learner, policy_params, spec, step = evaluation.load_policy(run_dir, args["step"])
 
     out_dir = run_dir / EVAL_DIR
@@ -167,7 +254,7 @@ def _main(cfg: DictConfig) -> int:
         )
     except evaluation.RenderError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return None
     seconds = time.perf_counter() - start
     training = evaluation.summarize_training(run_dir / "metrics.csv")
     print(report(spec, step, result, training, run_dir))
@@ -183,7 +270,7 @@ def _main(cfg: DictConfig) -> int:
     json_path = out_dir / f"{stem}.json"
     evaluation.write_result(json_path, data)
     print(f"wrote {json_path}" + (f" and {video_path}" if video_path else ""))
-    return 0
+    return data
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="evaluate")

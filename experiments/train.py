@@ -14,6 +14,7 @@ See experiments/conf/train.yaml for every key.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -139,9 +140,11 @@ def swept_keys(args: list[str]) -> set[str]:
 
 def sweep_run_dir(hydra_cfg, swept: set[str]) -> Path:
     """A sweep job's default run_dir: <sweep dir>/<its swept values>, e.g.
-    runs/sweeps/20261201-141500/seed=1."""
-    values = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0] in swept]
-    return Path(hydra_cfg.sweep.dir) / (",".join(sorted(values)) or f"job{hydra_cfg.job.num}")
+    runs/sweeps/20261201-141500/env-CarGoal1_seed-1. Only [A-Za-z0-9.-] appear in
+    the name, so it can be passed back on the command line unquoted."""
+    values = sorted(o for o in hydra_cfg.overrides.task if o.split("=", 1)[0] in swept)
+    name = "_".join(re.sub(r"[^A-Za-z0-9.]+", "-", v) for v in values)
+    return Path(hydra_cfg.sweep.dir) / (name or f"job{hydra_cfg.job.num}")
 
 
 def main() -> None:

@@ -155,7 +155,7 @@ def test_sweep_runs_every_job_and_reports_the_failed_one(tmp_path):
     assert "sweep job failed with exit status 2: algo.tau=2.0" in proc.stderr
     assert "1 of 2 job(s) failed" in proc.stderr
     job_dirs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert job_dirs == ["algo.tau=0.5"]
+    assert job_dirs == ["algo.tau-0.5"]
     with open(tmp_path / "sweep" / job_dirs[0] / "metrics.csv", newline="") as f:
         assert [int(r["env_steps"]) for r in csv.DictReader(f)] == [300, 600]
     assert (tmp_path / "sweep" / "multirun.yaml").is_file()

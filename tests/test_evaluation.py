@@ -229,3 +229,28 @@ def test_cli_arguments_are_validated(override, message):
     assert parse_args(OmegaConf.create({**data, "run_dir": "r"}))["episodes"] == 10
     with pytest.raises(UsageError, match=message):
         parse_args(OmegaConf.create({**data, "run_dir": "r", **override}))
+
+
+@pytest.mark.slow
+def test_cli_evaluates_several_runs_into_one_table(run_dir, tmp_path):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    for name in ("seed-0", "seed-1"):
+        shutil.copytree(run_dir, sweep / name, ignore=shutil.ignore_patterns("eval"))
+    common = ["episodes=2", "max_steps=20", "step=200"]
+    proc = run_cli("experiments.evaluate", f"sweep_dir={sweep}", *common, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "mean ± std over 2 runs" in proc.stdout
+    summary = json.loads((sweep / "eval_2runs.json").read_text())
+    assert [Path(r["run_dir"]).name for r in summary["runs"]] == ["seed-0", "seed-1"]
+    per_run = [np.mean(r["costs"]) for r in summary["runs"]]
+    assert summary["cost_mean"] == pytest.approx(np.mean(per_run))
+    assert summary["cost_std_over_runs"] == pytest.approx(np.std(per_run))
+    assert (sweep / "seed-1" / "eval" / "eval_step200.json").is_file()
+    out = tmp_path / "e.json"
+    proc = run_cli(
+        "experiments.evaluate", f"run_dirs={sweep}/seed-*", f"out={out}", *common, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(out.read_text())["runs"]) == 2
