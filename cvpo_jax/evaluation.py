@@ -198,8 +198,13 @@ def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
 
 
 def _make_env(env_id: str, render: dict | None):
+    from cvpo_jax.envs.custom import is_custom, load_factory
     from cvpo_jax.envs.safety_gymnasium import make_safety_gym_env
 
+    if is_custom(env_id):
+        if render:
+            raise RenderError(f"video recording supports Safety-Gymnasium tasks, not {env_id!r}.")
+        return load_factory(env_id)()
     return make_safety_gym_env(env_id, disable_env_checker=True, **(render or {}))
 
 

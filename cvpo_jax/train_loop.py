@@ -64,15 +64,20 @@ def env_start_method() -> str | None:
 
 
 def make_env(cfg: TrainConfig):
-    """The default environment factory: a Safety-Gymnasium vector env."""
+    """The default environment factory: a Safety-Gymnasium vector env (or one of your
+    own envs, `env=package.module:factory`)."""
+    from cvpo_jax.envs.custom import is_custom, make_custom_vector_env
     from cvpo_jax.envs.safety_gymnasium import SafetyGymVectorEnv
 
     asynchronous = cfg.async_envs and cfg.num_envs > 1
+    context = env_start_method() if asynchronous else None
+    if is_custom(cfg.env):
+        return make_custom_vector_env(cfg.env, cfg.num_envs, asynchronous, context)
     return SafetyGymVectorEnv(
         cfg.env,
         cfg.num_envs,
         asynchronous=asynchronous,
-        context=env_start_method() if asynchronous else None,
+        context=context,
     )
 
 

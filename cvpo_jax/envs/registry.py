@@ -3,7 +3,8 @@
 ``env=CarGoal1`` means ``SafetyCarGoal1-v0``; the full id works too, and both
 match case-insensitively. Names of the form ``<backend>/<name>`` are routed to
 another backend (``brax/HalfCheetahVelocity``: the JAX-native velocity tasks of
-``cvpo_jax.envs.brax_velocity``); a name without a prefix belongs to Safety-Gymnasium.
+``cvpo_jax.envs.brax_velocity``); a name without a prefix belongs to Safety-Gymnasium,
+and ``package.module:factory`` names your own environment (``cvpo_jax.envs.custom``).
 
 The Safety-Gymnasium list is read from safety-gymnasium's own registry, kept to
 the tasks this project supports (and the compat layer was verified on):
@@ -131,6 +132,11 @@ def resolve_env_id(name: str) -> str:
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"environment name must be a non-empty string, got {name!r}")
+    if ":" in name:  # Your own env, `package.module:factory` (see cvpo_jax.envs.custom).
+        from cvpo_jax.envs.custom import load_factory
+
+        load_factory(name.strip())  # Fails here, naming what is wrong.
+        return name.strip()
     prefix, rest = split_backend(name.strip())
     if prefix not in BACKENDS:
         available = sorted(p for p in BACKENDS if p)
