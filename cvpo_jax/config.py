@@ -297,8 +297,24 @@ class TrainConfig:
     checkpoint_every: int = 20_000
     keep_checkpoints: int = 2
     critic_pretrain_updates: int = 0  # Critic-only updates on the warm-up data, once.
+    # The constrained cost signals (Safety-Gymnasium's `cost_<name>` entries, e.g.
+    # ("hazards", "vases_contact")), one cost limit each; ("sum",) is the env's cost.
+    costs: tuple[str, ...] = ("sum",)
 
     def __post_init__(self) -> None:
+        if isinstance(self.costs, (list, str)):
+            object.__setattr__(
+                self, "costs", (self.costs,) if isinstance(self.costs, str) else tuple(self.costs)
+            )
+        _check_train(
+            isinstance(self.costs, tuple)
+            and len(self.costs) >= 1
+            and all(isinstance(c, str) and c for c in self.costs)
+            and len(set(self.costs)) == len(self.costs),
+            "costs",
+            self.costs,
+            "a non-empty list of distinct cost signal names, e.g. [hazards, vases_contact]",
+        )
         _check_train(
             isinstance(self.env, str) and bool(self.env),
             "env",

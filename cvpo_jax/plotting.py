@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cvpo_jax.run_logging import episode_cost_columns
+
 BANDS = ("minmax", "std")
 METRICS_FILE = "metrics.csv"
-PANELS = (("episode_return", "episode return"), ("episode_cost", "episode cost"))
 _SEED_DIR = re.compile(r"seed(\d+)$")
 
 
@@ -46,7 +47,27 @@ class RunCurves:
     cost_limit: tuple[float, ...]
     env_steps: np.ndarray  # [T]
     episode_return: np.ndarray  # [T]
-    episode_cost: np.ndarray  # [T]
+    episode_cost: np.ndarray  # [T] (with several constraints: their sum)
+    constraint_costs: tuple[np.ndarray, ...] = ()  # [T] per constraint when M > 1
+
+    def metric(self, name: str) -> np.ndarray:
+        """A curve by name: episode_return, episode_cost or episode_cost_<m>."""
+        if name.startswith("episode_cost_"):
+            return self.constraint_costs[int(name.rsplit("_", 1)[1])]
+        return getattr(self, name)
+
+
+def panels(cost_limit: Sequence[float]) -> list[tuple[str, str, float | None]]:
+    """(metric, y label, cost limit drawn) of each panel: return, then one cost panel
+    per constraint."""
+    if len(cost_limit) == 1:
+        return [
+            ("episode_return", "episode return", None),
+            ("episode_cost", "episode cost", cost_limit[0]),
+        ]
+    return [("episode_return", "episode return", None)] + [
+        (f"episode_cost_{m}", f"episode cost {m}", limit) for m, limit in enumerate(cost_limit)
+    ]
 
 
 def csv_float(text: str | None) -> float:
@@ -77,21 +98,15 @@ def load_run(run_dir: str | os.PathLike) -> RunCurves:
         raise NotPlottableError(
             f"{str(run_dir)!r} has no {METRICS_FILE} (has the run logged yet?)."
         )
+    per_constraint = episode_cost_columns(len(spec.algo.cost_limit))
+    needed = ("env_steps", "episode_return", "episode_cost", *per_constraint)
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        needed = ("env_steps", "episode_return", "episode_cost")
         missing = [c for c in needed if c not in (reader.fieldnames or [])]
         if missing:
             raise NotPlottableError(f"{str(path)!r} is empty or lacks the column(s) {missing}.")
-        rows = [
-            (
-                csv_float(r["env_steps"]),
-                csv_float(r["episode_return"]),
-                csv_float(r["episode_cost"]),
-            )
-            for r in reader
-        ]
-    data = np.asarray(rows, np.float64).reshape(-1, 3)
+        rows = [tuple(csv_float(r[c]) for c in needed) for r in reader]
+    data = np.asarray(rows, np.float64).reshape(-1, len(needed))
     data = data[np.all(np.isfinite(data), axis=1)]
     if data.shape[0] == 0:
         raise NotPlottableError(
@@ -105,6 +120,7 @@ def load_run(run_dir: str | os.PathLike) -> RunCurves:
         env_steps=data[:, 0],
         episode_return=data[:, 1],
         episode_cost=data[:, 2],
+        constraint_costs=tuple(data[:, 3 + m] for m in range(len(per_constraint))),
     )
 
 
@@ -182,6 +198,7 @@ def smooth(run: RunCurves, window: int) -> RunCurves:
         run,
         episode_return=trailing_mean(run.episode_return),
         episode_cost=trailing_mean(run.episode_cost),
+        constraint_costs=tuple(trailing_mean(c) for c in run.constraint_costs),
     )
 
 
@@ -208,7 +225,7 @@ def aggregate(runs: Sequence[RunCurves], metric: str, band: str = "minmax"):
     values = np.full((len(runs), grid.shape[0]), np.nan)
     for i, run in enumerate(runs):
         inside = (grid >= run.env_steps[0]) & (grid <= run.env_steps[-1])
-        values[i, inside] = np.interp(grid[inside], run.env_steps, getattr(run, metric))
+        values[i, inside] = np.interp(grid[inside], run.env_steps, run.metric(metric))
     count = np.sum(np.isfinite(values), axis=0)
     mean = np.nanmean(values, axis=0)
     if band == "minmax":
@@ -230,7 +247,8 @@ def _group_label(group: Sequence[RunCurves], band: str, several_groups: bool) ->
 def plot_runs(
     runs: Sequence[RunCurves], out: str | os.PathLike, band: str = "minmax", title=None
 ) -> Path:
-    """Draws the two panels and writes the PNG atomically to `out`; returns its path."""
+    """Draws the panels (return, then one cost panel per constraint) and writes the PNG
+    atomically to `out`; returns its path."""
     from matplotlib import rcParams
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
@@ -240,36 +258,41 @@ def plot_runs(
     if band not in BANDS:
         raise ValueError(f"band={band!r} must be one of {BANDS}.")
     out = Path(out)
+    if len({len(r.cost_limit) for r in runs}) > 1:
+        raise NotPlottableError(
+            "the runs have different numbers of constraints; plot them separately."
+        )
+    layout = panels(runs[0].cost_limit)
     groups = group_runs(runs)
-    fig = Figure(figsize=(8, 7), layout="constrained")
-    axes = fig.subplots(2, 1, sharex=True)
+    fig = Figure(figsize=(8, 3.5 * len(layout)), layout="constrained")
+    axes = fig.subplots(len(layout), 1, sharex=True)
     colors = rcParams["axes.prop_cycle"].by_key()["color"]
-    limits_drawn: set[float] = set()
+    limits_drawn: set[tuple[int, float]] = set()
     for g, group in enumerate(groups):
         color = colors[g % len(colors)]
         label = _group_label(group, band, len(groups) > 1)
-        for ax, (metric, _) in zip(axes, PANELS, strict=True):
+        for ax, (metric, _, _) in zip(axes, layout, strict=True):
             if len(group) == 1:
-                x, y = group[0].env_steps, getattr(group[0], metric)
+                x, y = group[0].env_steps, group[0].metric(metric)
             else:
                 x, y, low, high, _ = aggregate(group, metric, band)
                 ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
             ax.plot(
                 x, y, color=color, marker="o" if x.size <= 30 else None, ms=3, lw=1.5, label=label
             )
-        for limit in group[0].cost_limit:
-            if limit in limits_drawn:
+        for p, (_, _, limit) in enumerate(panels(group[0].cost_limit)):
+            if limit is None or (p, limit) in limits_drawn:
                 continue
-            limits_drawn.add(limit)
+            limits_drawn.add((p, limit))
             line_color = "black" if len(groups) == 1 else color
-            axes[1].axhline(limit, color=line_color, ls="--", lw=1.2, label=f"cost limit {limit:g}")
-    for ax, (_, ylabel) in zip(axes, PANELS, strict=True):
+            axes[p].axhline(limit, color=line_color, ls="--", lw=1.2, label=f"cost limit {limit:g}")
+    for ax, (_, ylabel, _) in zip(axes, layout, strict=True):
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize="small")
-    axes[1].set_xlabel("env steps")
-    axes[1].set_xlim(left=0)
-    axes[1].xaxis.set_major_formatter(EngFormatter(sep=""))
+    axes[-1].set_xlabel("env steps")
+    axes[-1].set_xlim(left=0)
+    axes[-1].xaxis.set_major_formatter(EngFormatter(sep=""))
     envs = list(dict.fromkeys(run.env_id for run in runs))
     fig.suptitle(title or ", ".join(envs) + " (training-time episodes)")
     out.parent.mkdir(parents=True, exist_ok=True)

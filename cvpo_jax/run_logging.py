@@ -4,6 +4,8 @@ One row per logging interval: env_steps, wall_time, the mean episode_return /
 episode_cost / episode_length of the episodes that ended in the interval (empty if
 none did), and the mean of every update metric over the interval's updates.
 Per-constraint metrics of size M are written as `name` when M = 1, else `name_i`.
+With M > 1 constraints the episodes' costs are `episode_cost_i` per constraint and
+`episode_cost` is their sum.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ METRICS_FILE = "metrics.csv"
 TB_DIR = "tb"
 EPISODE_COLUMNS = ("episode_return", "episode_cost", "episode_length", "episodes")
 BASE_COLUMNS = ("env_steps", "wall_time", "steps_per_s", "updates", *EPISODE_COLUMNS)
+
+
+def episode_cost_columns(num_constraints: int) -> list[str]:
+    """The per-constraint episode-cost columns ([] for one constraint: `episode_cost`)."""
+    return [] if num_constraints == 1 else [f"episode_cost_{m}" for m in range(num_constraints)]
 
 
 def flat_metric_names(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
@@ -84,15 +91,17 @@ class RunLogger:
         run_dir: Path,
         metric_names: list[str],
         total_steps: int,
-        cost_limit: float,
+        cost_limit: float | tuple[float, ...],
         start_step: int = 0,
         progress: bool | None = None,
         quiet: bool = False,
     ):
         self.run_dir = Path(run_dir)
-        self.columns = [*BASE_COLUMNS, *metric_names]
+        limits = tuple(cost_limit) if isinstance(cost_limit, (tuple, list)) else (cost_limit,)
+        self.cost_columns = episode_cost_columns(len(limits))
+        self.columns = [*BASE_COLUMNS, *self.cost_columns, *metric_names]
         self.total_steps = total_steps
-        self.cost_limit = cost_limit
+        self.cost_limit = limits
         path = self.run_dir / METRICS_FILE
         truncate_csv(path, start_step)
         new_file = not path.is_file() or path.stat().st_size == 0
@@ -116,17 +125,20 @@ class RunLogger:
         self.last_row: dict[str, float] = {}
         # quiet: rows go to files only (e.g. one logger per seed beside a shared display).
         self._display = (
-            None if quiet else ProgressDisplay(total_steps, start_step, cost_limit, progress)
+            None if quiet else ProgressDisplay(total_steps, start_step, limits, progress)
         )
 
     def _reset_interval(self) -> None:
-        self._episodes: list[tuple[float, float, float]] = []
+        # Per episode: (return, length, cost of each constraint...).
+        self._episodes: list[tuple[float, ...]] = []
         self._updates: list[dict[str, float]] = []
 
     def record_episodes(self, done, episode_return, episode_cost, episode_length) -> None:
+        """Episodes that ended: costs [N] (one constraint) or [N, M]."""
+        costs = np.reshape(np.asarray(episode_cost, np.float64), (len(done), -1))
         for i in np.flatnonzero(np.asarray(done)):
             self._episodes.append(
-                (float(episode_return[i]), float(episode_cost[i]), float(episode_length[i]))
+                (float(episode_return[i]), float(episode_length[i]), *map(float, costs[i]))
             )
 
     def record_updates(self, metrics: Mapping[str, np.ndarray]) -> None:
@@ -147,8 +159,9 @@ class RunLogger:
         """Writes the interval's row from what was recorded since the last row (and `extra`)."""
         values = {"episodes": len(self._episodes)}
         if self._episodes:
-            ret, cost, length = np.mean(np.asarray(self._episodes), axis=0)
-            values.update(episode_return=ret, episode_cost=cost, episode_length=length)
+            ret, length, *costs = np.mean(np.asarray(self._episodes), axis=0)
+            values.update(episode_return=ret, episode_cost=sum(costs), episode_length=length)
+            values.update(zip(self.cost_columns, costs, strict=False))
         if self._updates:
             keys = self._updates[0].keys()
             values.update({k: float(np.mean([u[k] for u in self._updates])) for k in keys})
@@ -202,10 +215,13 @@ def _isnan(x) -> bool:
 class ProgressDisplay:
     """A rich progress bar on a terminal; one plain line per row otherwise."""
 
-    def __init__(self, total: int, start: int, cost_limit: float, enabled: bool | None):
+    def __init__(
+        self, total: int, start: int, cost_limit: float | tuple[float, ...], enabled: bool | None
+    ):
         if enabled is None:
             enabled = sys.stderr.isatty()
-        self.cost_limit = cost_limit
+        limits = tuple(cost_limit) if isinstance(cost_limit, (tuple, list)) else (cost_limit,)
+        self.cost_limit = limits
         self._progress = None
         if enabled:
             from rich.progress import (
@@ -236,16 +252,24 @@ class ProgressDisplay:
 
     def _summary(self, row: dict) -> str:
         parts = []
+        m = len(self.cost_limit)
+        suffixes = [""] if m == 1 else [f"_{i}" for i in range(m)]
         if not _isnan(row.get("episode_return", math.nan)):
             parts.append(f"return {row['episode_return']:.2f}")
-            parts.append(f"cost {row['episode_cost']:.1f}/{self.cost_limit:g}")
-        lam = row.get("lambda", row.get("lambda_0", math.nan))
-        if not _isnan(lam):
-            parts.append(f"lambda {lam:.3g}")
-        bias = row.get("calib_qc_bias", row.get("calib_qc_bias_0", math.nan))
-        if not _isnan(bias):
-            mc = row.get("calib_qc_mc", row.get("calib_qc_mc_0", math.nan))
-            parts.append(f"Qc {mc + bias:.2f} vs MC {mc:.2f}")
+            costs = [row.get(f"episode_cost{s}", math.nan) for s in suffixes]
+            limits = self.cost_limit
+            pairs = ", ".join(f"{c:.1f}/{lim:g}" for c, lim in zip(costs, limits, strict=True))
+            parts.append(f"cost {pairs}")
+        lams = [row.get(f"lambda{s}", math.nan) for s in suffixes]
+        if not all(_isnan(x) for x in lams):
+            parts.append("lambda " + ", ".join(f"{x:.3g}" for x in lams))
+        calib = []
+        for s in suffixes:
+            bias, mc = row.get(f"calib_qc_bias{s}", math.nan), row.get(f"calib_qc_mc{s}", math.nan)
+            if not _isnan(bias):
+                calib.append(f"{mc + bias:.2f} vs MC {mc:.2f}")
+        if calib:
+            parts.append("Qc " + ", ".join(calib))
         return "  ".join(parts) or "warming up"
 
     def show(self, row: dict) -> None:

@@ -72,12 +72,18 @@ def make_env(cfg: TrainConfig):
     asynchronous = cfg.async_envs and cfg.num_envs > 1
     context = env_start_method() if asynchronous else None
     if is_custom(cfg.env):
+        if cfg.costs != ("sum",):
+            raise ValueError(
+                f"costs={list(cfg.costs)}: your own env reports one cost per step (its "
+                "step's cost); leave costs at its default [sum]."
+            )
         return make_custom_vector_env(cfg.env, cfg.num_envs, asynchronous, context)
     return SafetyGymVectorEnv(
         cfg.env,
         cfg.num_envs,
         asynchronous=asynchronous,
         context=context,
+        costs=cfg.costs,
     )
 
 
@@ -200,10 +206,10 @@ def train(
     """
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, resume)
-    if algo.num_constraints != 1:
+    if algo.num_constraints != len(cfg.costs):
         raise ValueError(
-            f"cost_limit={algo.cost_limit}: Safety-Gymnasium tasks have one cost signal, "
-            "so exactly one cost limit is allowed."
+            f"cost_limit={list(algo.cost_limit)} has {algo.num_constraints} limit(s) for "
+            f"costs={list(cfg.costs)}: give one limit per cost signal."
         )
     env = env_factory(cfg)
     try:
@@ -222,7 +228,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
         cfg.batch_size,
         spec.obs_size,
         len(spec.action_low),
-        1,
+        algo.num_constraints,
         n_step=algo.n_step,
         stride=cfg.num_envs,
         gamma=algo.gamma,
@@ -264,7 +270,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
         run_dir,
         metric_names,
         cfg.total_steps,
-        algo.cost_limit[0],
+        algo.cost_limit,
         start_step=env_steps,
         progress=progress,
     )
@@ -325,7 +331,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                     staging["obs"][rows] = obs
                     staging["action"][rows] = actions
                     staging["reward"][rows] = result.reward
-                    staging["cost"][rows, 0] = result.cost
+                    staging["cost"][rows] = np.reshape(result.cost, (n, -1))
                     staging["next_obs"][rows] = result.next_obs
                     staging["terminated"][rows] = result.terminated
                     staging["truncated"][rows] = result.truncated

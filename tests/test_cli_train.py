@@ -37,7 +37,8 @@ def run_train(*args, cwd, timeout=600):
 def test_yaml_defaults_equal_the_dataclass_defaults():
     conf = yaml.safe_load(CONF.read_text())
     for f in dataclasses.fields(TrainConfig):
-        assert conf[f.name] == f.default, f.name
+        value = conf[f.name]
+        assert (tuple(value) if isinstance(value, list) else value) == f.default, f.name
     algo_default = CVPOConfig()
     for f in dataclasses.fields(CVPOConfig):
         if f.name == "cost_limit":
@@ -59,6 +60,9 @@ def test_yaml_defaults_equal_the_dataclass_defaults():
         (["algo.gamma=1.5"], "gamma"),
         (["total_steps=1234"], "total_steps"),
         (["num_envs=0"], "num_envs"),
+        (["costs=[hazards,hazards]"], "costs"),
+        (["env=PointGoal2", "costs=[hazards,vases]", "cost_limit=[20,5]"], "vases_contact"),
+        (["env=PointGoal1", "costs=[hazards]", "cost_limit=[20,5]"], "one limit per cost"),
     ],
 )
 def test_bad_values_fail_early_with_a_clear_message(tmp_path, args, message):
@@ -160,3 +164,34 @@ def test_sweep_runs_every_job_and_reports_the_failed_one(tmp_path):
         assert [int(r["env_steps"]) for r in csv.DictReader(f)] == [300, 600]
     assert (tmp_path / "sweep" / "multirun.yaml").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # Nothing else left.
+
+
+@pytest.mark.slow
+def test_two_constraints_end_to_end(tmp_path):
+    """PointGoal2 with hazards and vase contacts constrained separately: one limit,
+    one lambda, one Q_c and one episode-cost column each."""
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        "env=PointGoal2",
+        "costs=[hazards,vases_contact]",
+        "cost_limit=[20,5]",
+        "total_steps=2000",
+        "warmup_steps=1000",
+        "log_every=1000",
+        "checkpoint_every=2000",
+        "progress=false",
+        f"run_dir={run_dir}",
+        *TINY_ALGO,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cost " in proc.stderr and "/20, " in proc.stderr and "/5" in proc.stderr
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    last = rows[-1]
+    for column in ("episode_cost_0", "episode_cost_1", "lambda_0", "lambda_1", "q_cost_1"):
+        assert last[column] != "", column
+    costs = float(last["episode_cost_0"]), float(last["episode_cost_1"])
+    assert float(last["episode_cost"]) == pytest.approx(sum(costs))
+    assert float(last["qc_threshold_0"]) == pytest.approx(2.0, rel=1e-3)  # 20 * 0.1
+    assert float(last["qc_threshold_1"]) == pytest.approx(0.5, rel=1e-3)

@@ -285,3 +285,29 @@ def test_cli_plots_a_glob_smoothed_and_says_how_many_seeds(tmp_path):
     assert out.read_bytes().startswith(PNG_MAGIC)
     proc = run_cli(f"sweep_dir={tmp_path}/runs", "smooth=0", cwd=tmp_path)
     assert proc.returncode == 2 and "smooth=0 is invalid" in proc.stderr
+
+
+def test_two_constraints_get_one_cost_panel_each(tmp_path):
+    path = tmp_path / "two"
+    path.mkdir()
+    spec = ckpt.RunSpec(
+        train=TrainConfig(costs=("hazards", "vases_contact")),
+        algo=CVPOConfig(cost_limit=(20.0, 5.0)),
+        env_id="SafetyPointGoal2-v0",
+        obs_size=72,
+        action_low=(-1.0, -1.0),
+        action_high=(1.0, 1.0),
+    )
+    ckpt.save_run_spec(path, spec)
+    lines = ["env_steps,episode_return,episode_cost,episodes,episode_cost_0,episode_cost_1\n"]
+    lines += [f"{s},{s / 1000},{30 + s / 1000},2,{20 + s / 1000},10\n" for s in (1000, 2000)]
+    (path / "metrics.csv").write_text("".join(lines))
+    run = load_run(path)
+    np.testing.assert_allclose(run.episode_cost, [31, 32])
+    np.testing.assert_allclose(run.metric("episode_cost_0"), [21, 22])
+    np.testing.assert_allclose(run.metric("episode_cost_1"), [10, 10])
+    out = plot_runs([run, smooth(run, 2)], tmp_path / "two.png")
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    (one,) = seeds(tmp_path / "one", 1)
+    with pytest.raises(NotPlottableError, match="different numbers of constraints"):
+        plot_runs([run, load_run(one)], tmp_path / "mixed.png")

@@ -34,7 +34,8 @@ class EpisodeStats(NamedTuple):
     Attributes:
       done: [N] bool, the episode ended (terminated or truncated).
       episode_return: [N] float32, sum of rewards of the ended episode.
-      episode_cost: [N] float32, sum of costs of the ended episode.
+      episode_cost: [N] float32, sum of costs of the ended episode; [N, M] when the
+        env reports M cost signals (`costs=`), one sum per signal.
       episode_length: [N] int32, number of steps of the ended episode.
     """
 
@@ -45,7 +46,8 @@ class EpisodeStats(NamedTuple):
 
 
 class EpisodeAccumulator(NamedTuple):
-    """Running sums of the episodes in progress; [N] float64/float64/int64."""
+    """Running sums of the episodes in progress; [N] float64, [N] or [N, M] float64,
+    [N] int64."""
 
     ret: np.ndarray
     cost: np.ndarray
@@ -61,7 +63,7 @@ class StepResult(NamedTuple):
       next_obs: [N, O] float32, true next observation of this transition (the
         final observation where an episode just ended). Store this in replay.
       reward: [N] float32.
-      cost: [N] float32.
+      cost: [N] float32, or [N, M] with M cost signals selected (`costs=`).
       terminated: [N] bool, the episode ended in a terminal state (bootstrap
         with zero).
       truncated: [N] bool, the episode was cut off, e.g. by the time limit
@@ -78,11 +80,12 @@ class StepResult(NamedTuple):
     episode: EpisodeStats
 
 
-def init_episode_accumulator(num_envs: int) -> EpisodeAccumulator:
-    """Zero running sums for ``num_envs`` fresh episodes."""
+def init_episode_accumulator(num_envs: int, num_costs: int | None = None) -> EpisodeAccumulator:
+    """Zero running sums for ``num_envs`` fresh episodes (costs [N], or [N, M])."""
+    cost_shape = (num_envs,) if num_costs is None else (num_envs, num_costs)
     return EpisodeAccumulator(
         ret=np.zeros(num_envs, np.float64),
-        cost=np.zeros(num_envs, np.float64),
+        cost=np.zeros(cost_shape, np.float64),
         length=np.zeros(num_envs, np.int64),
     )
 
@@ -93,9 +96,9 @@ def accumulate_episodes(
     """Adds one step to the running sums and closes the episodes that ended.
 
     Args:
-      acc: running sums before this step, [N] each.
-      reward, cost: [N] this step's reward and cost (the step is part of the
-        episode that ``done`` ends).
+      acc: running sums before this step, [N] each (costs [N] or [N, M]).
+      reward, cost: [N] this step's reward and [N] (or [N, M]) cost (the step is
+        part of the episode that ``done`` ends).
       done: [N] bool, terminated or truncated at this step.
 
     Returns:
@@ -103,24 +106,27 @@ def accumulate_episodes(
        stats of the ended episodes).
     """
     n = acc.ret.shape[0]
+    expected = {"reward": (n,), "cost": acc.cost.shape, "done": (n,)}
     for label, arr in (("reward", reward), ("cost", cost), ("done", done)):
-        if np.shape(arr) != (n,):
+        if np.shape(arr) != expected[label]:
             raise ValueError(
-                f"accumulate_episodes: {label} has shape {np.shape(arr)}, expected ({n},)"
+                f"accumulate_episodes: {label} has shape {np.shape(arr)}, "
+                f"expected {expected[label]}"
             )
     done = np.asarray(done, dtype=bool)
+    done_c = done.reshape((n,) + (1,) * (acc.cost.ndim - 1))
     ret = acc.ret + reward
     total_cost = acc.cost + cost
     length = acc.length + 1
     stats = EpisodeStats(
         done=done.copy(),
         episode_return=np.where(done, ret, 0.0).astype(np.float32),
-        episode_cost=np.where(done, total_cost, 0.0).astype(np.float32),
+        episode_cost=np.where(done_c, total_cost, 0.0).astype(np.float32),
         episode_length=np.where(done, length, 0).astype(np.int32),
     )
     new_acc = EpisodeAccumulator(
         ret=np.where(done, 0.0, ret),
-        cost=np.where(done, 0.0, total_cost),
+        cost=np.where(done_c, 0.0, total_cost),
         length=np.where(done, 0, length),
     )
     return new_acc, stats
@@ -165,6 +171,35 @@ def true_next_observations(obs: np.ndarray, done: np.ndarray, info: dict[str, An
             )
         next_obs[i] = row
     return next_obs
+
+
+COST_PREFIX = "cost_"
+
+
+def cost_signals(info: dict[str, Any]) -> list[str]:
+    """The cost signals a Safety-Gymnasium step reports (`cost_hazards` -> "hazards",
+    `cost_sum` -> "sum"), from one step's (vector) info dict."""
+    return sorted(
+        k[len(COST_PREFIX) :] for k in info if k.startswith(COST_PREFIX) and not k.startswith("_")
+    )
+
+
+def info_costs(info: dict[str, Any], names: Sequence[str], done: np.ndarray) -> np.ndarray:
+    """[N, M] float32: the step's cost signal `names[m]` of every env.
+
+    Ended episodes carry their last step's info in ``info["final_info"][i]`` (the
+    top-level entries then belong to the reset), as for the final observation.
+    """
+    done = np.asarray(done, dtype=bool)
+    out = np.zeros((done.shape[0], len(names)), np.float32)
+    final = info.get("final_info")
+    for m, name in enumerate(names):
+        key = COST_PREFIX + name
+        if key in info:
+            out[:, m] = np.asarray(info[key], np.float32)
+        for i in np.flatnonzero(done):
+            out[i, m] = float(final[i][key])
+    return out
 
 
 def clip_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -218,6 +253,7 @@ class SafetyGymVectorEnv:
         *,
         asynchronous: bool | None = None,
         context: str | None = None,
+        costs: Sequence[str] | None = None,
     ):
         """Makes the vector env.
 
@@ -228,6 +264,9 @@ class SafetyGymVectorEnv:
           context: multiprocessing start method for asynchronous envs (None:
             platform default, "fork" on Linux; "forkserver" or "spawn" avoid
             forking a process whose JAX runtime already started threads).
+          costs: the cost signals to report, e.g. ("hazards", "vases_contact"), from
+            the step's `cost_<name>` info entries: `step` then returns cost [N, M] and
+            episodes sum each. None: the env's scalar cost [N] (its `cost_sum`).
         """
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
@@ -251,7 +290,7 @@ class SafetyGymVectorEnv:
             )
             for i in range(num_envs)
         ]
-        self._init(env_fns, asynchronous, context, episode_length, env_id)
+        self._init(env_fns, asynchronous, context, episode_length, env_id, costs)
 
     @classmethod
     def from_env_fns(
@@ -262,6 +301,7 @@ class SafetyGymVectorEnv:
         asynchronous: bool = False,
         context: str | None = None,
         env_id: str = "custom",
+        costs: Sequence[str] | None = None,
     ) -> SafetyGymVectorEnv:
         """Wraps envs with the safety-gymnasium 6-tuple API (e.g. scripted test envs).
 
@@ -273,10 +313,10 @@ class SafetyGymVectorEnv:
         if len(env_fns) < 1:
             raise ValueError("from_env_fns needs at least one env fn, got 0")
         self = cls.__new__(cls)
-        self._init(list(env_fns), asynchronous, context, episode_length, env_id)
+        self._init(list(env_fns), asynchronous, context, episode_length, env_id, costs)
         return self
 
-    def _init(self, env_fns, asynchronous, context, episode_length, env_id) -> None:
+    def _init(self, env_fns, asynchronous, context, episode_length, env_id, costs=None) -> None:
         import_safety_gymnasium()
         from safety_gymnasium.vector import SafetyAsyncVectorEnv, SafetySyncVectorEnv
 
@@ -306,8 +346,34 @@ class SafetyGymVectorEnv:
         self.action_high: np.ndarray = np.asarray(act_space.high, np.float32)
         self.episode_length: int | None = episode_length
         self._action_dtype = act_space.dtype
-        self._acc = init_episode_accumulator(self.num_envs)
+        self.cost_names: tuple[str, ...] | None = None if costs is None else tuple(costs)
         self._closed = False
+        if self.cost_names is not None and self.cost_names != ("sum",):
+            try:
+                self._check_cost_names()
+            except Exception:
+                vec.close()
+                raise
+        self._acc = self._fresh_accumulator()
+
+    def _fresh_accumulator(self) -> EpisodeAccumulator:
+        m = None if self.cost_names is None else len(self.cost_names)
+        return init_episode_accumulator(self.num_envs, m)
+
+    def _check_cost_names(self) -> None:
+        """One reset and step to read the task's cost signals; unknown names fail here."""
+        if not self.cost_names or len(set(self.cost_names)) != len(self.cost_names):
+            raise ValueError(f"costs={list(self.cost_names)} must be distinct names, at least one.")
+        self._vec.reset(seed=0)
+        middle = (self.action_low + self.action_high) / 2
+        *_, info = self._vec.step(np.tile(middle, (self.num_envs, 1)).astype(self._action_dtype))
+        valid = cost_signals(info)
+        unknown = [c for c in self.cost_names if c not in valid]
+        if unknown:
+            raise ValueError(
+                f"costs={list(self.cost_names)}: {self.env_id} reports no cost signal "
+                f"{unknown}; its signals: {', '.join(valid)}."
+            )
 
     def reset(self, seed: int | None = None) -> np.ndarray:
         """Resets every env; env i is seeded with ``seed + i``.
@@ -318,7 +384,7 @@ class SafetyGymVectorEnv:
         if seed is not None and not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         obs, _ = self._vec.reset(seed=None if seed is None else int(seed))
-        self._acc = init_episode_accumulator(self.num_envs)
+        self._acc = self._fresh_accumulator()
         return np.asarray(obs, dtype=np.float32)
 
     def step(self, actions: np.ndarray) -> StepResult:
@@ -335,12 +401,17 @@ class SafetyGymVectorEnv:
         terminated = np.asarray(terminated, dtype=bool)
         truncated = np.asarray(truncated, dtype=bool)
         done = terminated | truncated
+        cost = np.asarray(cost, dtype=np.float32)
+        if self.cost_names == ("sum",):
+            cost = cost[:, None]  # The step's cost is cost_sum.
+        elif self.cost_names is not None:
+            cost = info_costs(info, self.cost_names, done)
         self._acc, episode = accumulate_episodes(self._acc, reward, cost, done)
         return StepResult(
             obs=np.asarray(obs, dtype=np.float32),
             next_obs=true_next_observations(obs, done, info),
             reward=np.asarray(reward, dtype=np.float32),
-            cost=np.asarray(cost, dtype=np.float32),
+            cost=cost,
             terminated=terminated,
             truncated=truncated,
             episode=episode,
