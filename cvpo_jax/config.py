@@ -84,6 +84,11 @@ class CVPOConfig:
 
     # M-step.
     mstep_steps: int = 1
+    # Fit the policy to the E-step's samples clipped to the action box (the actions
+    # the critics scored and the env would see). Unclipped, samples beyond the box
+    # score as the boundary, a tanh mean cannot follow them there, and the covariance
+    # part of the fit grows to cover them.
+    fit_clipped_actions: bool = False
     kl_mean_eps: float = 1e-3
     kl_cov_eps: float = 1e-3
     actor_lr: float = 1e-3
@@ -155,6 +160,12 @@ class CVPOConfig:
             "cost_feedback_bounds",
             fb,
             "a pair (low, high) with 0 < low <= 1 <= high",
+        )
+        _check(
+            isinstance(self.fit_clipped_actions, bool),
+            "fit_clipped_actions",
+            self.fit_clipped_actions,
+            "a bool",
         )
         _check(
             isinstance(self.full_covariance, bool),

@@ -139,9 +139,8 @@ def update_step(
     actions, mean_old, tril_old = sample_actions(
         state.target_policy_params, networks, batch.obs, k_estep, cfg.num_samples
     )
-    q_r, q_c = networks.pessimistic_q(
-        state.target_critic_params, batch.obs, clip_to_box(actions, networks)
-    )
+    clipped = clip_to_box(actions, networks)
+    q_r, q_c = networks.pessimistic_q(state.target_critic_params, batch.obs, clipped)
     qc_threshold = jnp.asarray(cfg.qc_threshold, jnp.float32) * jnp.exp(
         state.estep_duals.log_threshold_scale
     )
@@ -156,7 +155,7 @@ def update_step(
         state.mstep_duals,
         networks,
         batch.obs,
-        actions,
+        clipped if cfg.fit_clipped_actions else actions,
         weights,
         mean_old,
         tril_old,

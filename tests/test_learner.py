@@ -255,3 +255,25 @@ def test_train_state_is_a_pytree_of_arrays(small_learner):
     assert state.step.dtype == jnp.int32
     leaves = jax.tree.leaves(state)
     assert leaves and all(isinstance(x, jax.Array) for x in leaves)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fit_clipped", [False, True])
+def test_mstep_fits_clipped_samples_when_asked(monkeypatch, fit_clipped):
+    """With init_std 3 most samples leave the [-1, 1] box: the M-step sees them
+    clipped exactly when fit_clipped_actions is set, and the critics always do."""
+    seen = {}
+    original = learner_lib.mstep_lib.mstep
+
+    def spy(params, opt_state, duals, networks, obs, actions, *rest):
+        seen["mstep"] = actions
+        return original(params, opt_state, duals, networks, obs, actions, *rest)
+
+    monkeypatch.setattr(learner_lib.mstep_lib, "mstep", spy)
+    cfg = SMALL.replace(init_std=3.0, fit_clipped_actions=fit_clipped)
+    learner = make_learner(cfg, OBS, [-1.0] * ACT, [1.0] * ACT)
+    state = learner.init(jax.random.PRNGKey(0))
+    # Called eagerly (not under jit), so the spy sees concrete arrays.
+    update_step(state, random_batch(jax.random.PRNGKey(1)), learner.networks, cfg)
+    largest = float(jnp.max(jnp.abs(seen["mstep"])))
+    assert (largest <= 1.0) if fit_clipped else (largest > 1.5)
