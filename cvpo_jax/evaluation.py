@@ -87,7 +87,9 @@ class EvalResult:
     """Per-episode results of an evaluation ([E] arrays, E = episodes).
 
     ``lengths`` are env steps per episode. An episode cut off by ``max_steps``
-    (not by the env) has ``complete`` False.
+    (not by the env) has ``complete`` False. ``costs`` is the env's cost (its
+    `cost_sum`); with cost signals selected (`cost_names`), ``constraint_costs``
+    [E, M] holds each signal's episode cost.
     """
 
     env_id: str
@@ -99,6 +101,8 @@ class EvalResult:
     complete: np.ndarray
     max_steps: int | None = None
     video_path: str | None = None
+    cost_names: tuple[str, ...] | None = None
+    constraint_costs: np.ndarray | None = None
 
     @property
     def episodes(self) -> int:
@@ -141,6 +145,15 @@ class EvalResult:
             "lengths": [int(x) for x in self.lengths],
             "complete": [bool(x) for x in self.complete],
             "video_path": self.video_path,
+            **(
+                {}
+                if self.cost_names is None
+                else {
+                    "cost_names": list(self.cost_names),
+                    "constraint_costs": np.asarray(self.constraint_costs).tolist(),
+                    "constraint_cost_mean": np.mean(self.constraint_costs, axis=0).tolist(),
+                }
+            ),
         }
 
 
@@ -246,6 +259,7 @@ def evaluate_policy(
     *,
     video_camera: str = VIDEO_CAMERA,
     video_size: tuple[int, int] = VIDEO_SIZE,
+    cost_names: tuple[str, ...] | None = None,
 ) -> EvalResult:
     """Runs ``episodes`` full episodes of the policy and returns their returns and costs.
 
@@ -263,6 +277,9 @@ def evaluate_policy(
       max_steps: cap on the steps of each episode (tests); None: until the env
         terminates or truncates it.
       video_camera, video_size: camera name and (width, height) of the video.
+      cost_names: Safety-Gymnasium cost signals to sum per episode as well (the
+        run's `costs`, e.g. ("hazards", "vases_contact")); None or ("sum",): only
+        the env's cost.
 
     Raises:
       ValueError: a bad argument, or an env whose spaces do not fit the policy.
@@ -320,6 +337,9 @@ def evaluate_policy(
         key = jax.random.PRNGKey(seed)
         returns = np.zeros(episodes, np.float64)
         costs = np.zeros(episodes, np.float64)
+        if cost_names is not None and tuple(cost_names) == ("sum",):
+            cost_names = None
+        signals = np.zeros((episodes, len(cost_names or ())), np.float64)
         lengths = np.zeros(episodes, np.int64)
         complete = np.zeros(episodes, bool)
         t = 0
@@ -335,11 +355,13 @@ def evaluate_policy(
                     policy_params, obs_batch, jax.random.fold_in(key, t), deterministic
                 )
                 action = np.clip(np.asarray(action, np.float32)[0], low, high)
-                obs, reward, cost, terminated, truncated, _ = env.step(
+                obs, reward, cost, terminated, truncated, info = env.step(
                     action.astype(act_space.dtype)
                 )
                 returns[ep] += float(reward)
                 costs[ep] += float(cost)
+                for m, name in enumerate(cost_names or ()):
+                    signals[ep, m] += float(info[f"cost_{name}"])
                 lengths[ep] += 1
                 t += 1
                 done = bool(terminated or truncated)
@@ -369,6 +391,8 @@ def evaluate_policy(
         complete=complete,
         max_steps=max_steps,
         video_path=str(video_path) if recording else None,
+        cost_names=None if cost_names is None else tuple(cost_names),
+        constraint_costs=None if cost_names is None else signals,
     )
 
 

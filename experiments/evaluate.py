@@ -151,13 +151,21 @@ def report(spec, step: int, result, training: dict | None, run_dir: Path) -> str
             f"  {i:>7}  {result.returns[i]:>10.2f}  {result.costs[i]:>8.1f}  "
             f"{int(result.lengths[i]):>6}{mark}"
         )
-    verdict = "within" if result.cost_mean <= cost_limit else "ABOVE"
-    lines += [
-        "",
-        f"  return  {_mean_std(result.returns)}  (mean ± std over episodes)",
-        f"  cost    {_mean_std(result.costs)}  ({verdict} the cost limit {cost_limit:g})",
-        f"  length  {result.length_mean:.0f}",
-    ]
+    lines += ["", f"  return  {_mean_std(result.returns)}  (mean ± std over episodes)"]
+    if result.cost_names is None:
+        verdict = "within" if result.cost_mean <= cost_limit else "ABOVE"
+        lines.append(
+            f"  cost    {_mean_std(result.costs)}  ({verdict} the cost limit {cost_limit:g})"
+        )
+    else:
+        for m, (name, limit) in enumerate(
+            zip(result.cost_names, spec.algo.cost_limit, strict=True)
+        ):
+            values = result.constraint_costs[:, m]
+            verdict = "within" if values.mean() <= limit else "ABOVE"
+            lines.append(f"  cost {name}  {_mean_std(values)}  ({verdict} its limit {limit:g})")
+        lines.append(f"  cost (all sources)  {_mean_std(result.costs)}")
+    lines.append(f"  length  {result.length_mean:.0f}")
     if training is not None:
         lines.append(
             f"training-time (metrics.csv at env step {training['env_steps']}, "
@@ -251,6 +259,7 @@ def _evaluate(run_dir: Path, args: dict) -> dict | None:
             max_steps=args["max_steps"],
             video_camera=args["video_camera"],
             video_size=args["video_size"],
+            cost_names=spec.train.costs,
         )
     except evaluation.RenderError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -195,3 +196,25 @@ def test_two_constraints_end_to_end(tmp_path):
     assert float(last["episode_cost"]) == pytest.approx(sum(costs))
     assert float(last["qc_threshold_0"]) == pytest.approx(2.0, rel=1e-3)  # 20 * 0.1
     assert float(last["qc_threshold_1"]) == pytest.approx(0.5, rel=1e-3)
+    # Evaluation reports each constraint against its own limit.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.evaluate",
+            f"run_dir={run_dir}",
+            "episodes=1",
+            "max_steps=50",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cost hazards" in proc.stdout and "its limit 20" in proc.stdout
+    assert "cost vases_contact" in proc.stdout and "its limit 5" in proc.stdout
+    data = json.loads((run_dir / "eval" / "eval_step2000.json").read_text())
+    assert data["cost_names"] == ["hazards", "vases_contact"]
+    assert len(data["constraint_costs"]) == 1 and len(data["constraint_costs"][0]) == 2
