@@ -106,17 +106,24 @@ def _manager(run_dir: Path, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINT_DIR, options=options)
 
 
-def latest_step(run_dir: str | os.PathLike) -> int | None:
-    """The env step of the newest complete checkpoint, or None."""
+def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
+    """The env steps of the complete checkpoints of a run, ascending.
+
+    Read from the directory names, not through orbax: that would start the JAX
+    runtime, and env subprocesses forked after it would warn of deadlocks. Orbax
+    writes to `<step>.orbax-checkpoint-tmp-*` and renames on completion, so a purely
+    numeric name is a complete checkpoint.
+    """
     directory = Path(run_dir) / CHECKPOINT_DIR
     if not directory.is_dir():
-        return None
-    # Read from the directory names, not through orbax: that would start the JAX
-    # runtime, and the env subprocesses forked after it would warn of deadlocks.
-    # Orbax writes to `<step>.orbax-checkpoint-tmp-*` and renames on completion, so a
-    # purely numeric name is a complete checkpoint.
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
-    return max(steps, default=None)
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def latest_step(run_dir: str | os.PathLike) -> int | None:
+    """The env step of the newest complete checkpoint, or None."""
+    steps = checkpoint_steps(run_dir)
+    return steps[-1] if steps else None
 
 
 class CheckpointError(RuntimeError):

@@ -71,6 +71,7 @@ configure_headless_rendering()
 import jax  # noqa: E402
 
 from cvpo_jax import checkpoint as ckpt  # noqa: E402
+from cvpo_jax.checkpoint import checkpoint_steps  # noqa: E402  (re-exported)
 from cvpo_jax.learner import Learner, make_learner  # noqa: E402
 
 # Rendering defaults: "track" follows the agent from behind and above.
@@ -198,16 +199,6 @@ def load_policy(run_dir: str | os.PathLike, step: int | None = None):
     like = learner.init(jax.random.PRNGKey(0))
     step, state, _, _ = ckpt.restore_checkpoint(run_dir, like, step=step, with_replay=False)
     return learner, state.policy_params, spec, int(step)
-
-
-def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
-    """The env steps of the complete checkpoints of a run, ascending."""
-    directory = Path(run_dir) / ckpt.CHECKPOINT_DIR
-    if not directory.is_dir():
-        return []
-    # Orbax writes to a temporary name and renames on completion: a bare integer
-    # name is a finished checkpoint.
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def _make_env(env_id: str, render: dict | None):
