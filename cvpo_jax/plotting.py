@@ -49,6 +49,7 @@ class RunCurves:
     episode_return: np.ndarray  # [T]
     episode_cost: np.ndarray  # [T] (with several constraints: their sum)
     constraint_costs: tuple[np.ndarray, ...] = ()  # [T] per constraint when M > 1
+    cost_names: tuple[str, ...] = ("sum",)  # The run's cost signals (TrainConfig.costs).
 
     def metric(self, name: str) -> np.ndarray:
         """A curve by name: episode_return, episode_cost or episode_cost_<m>."""
@@ -57,16 +58,18 @@ class RunCurves:
         return getattr(self, name)
 
 
-def panels(cost_limit: Sequence[float]) -> list[tuple[str, str, float | None]]:
+def panels(
+    cost_limit: Sequence[float], names: Sequence[str] = ()
+) -> list[tuple[str, str, float | None]]:
     """(metric, y label, cost limit drawn) of each panel: return, then one cost panel
-    per constraint."""
+    per constraint (labelled with its signal's name when `names` has one per limit)."""
+    first = ("episode_return", "episode return", None)
     if len(cost_limit) == 1:
-        return [
-            ("episode_return", "episode return", None),
-            ("episode_cost", "episode cost", cost_limit[0]),
-        ]
-    return [("episode_return", "episode return", None)] + [
-        (f"episode_cost_{m}", f"episode cost {m}", limit) for m, limit in enumerate(cost_limit)
+        return [first, ("episode_cost", "episode cost", cost_limit[0])]
+    labels = names if len(names) == len(cost_limit) else [str(m) for m in range(len(cost_limit))]
+    return [first] + [
+        (f"episode_cost_{m}", f"episode cost: {label}", limit)
+        for m, (label, limit) in enumerate(zip(labels, cost_limit, strict=True))
     ]
 
 
@@ -121,6 +124,7 @@ def load_run(run_dir: str | os.PathLike) -> RunCurves:
         episode_return=data[:, 1],
         episode_cost=data[:, 2],
         constraint_costs=tuple(data[:, 3 + m] for m in range(len(per_constraint))),
+        cost_names=tuple(spec.train.costs),
     )
 
 
@@ -262,7 +266,7 @@ def plot_runs(
         raise NotPlottableError(
             "the runs have different numbers of constraints; plot them separately."
         )
-    layout = panels(runs[0].cost_limit)
+    layout = panels(runs[0].cost_limit, runs[0].cost_names)
     groups = group_runs(runs)
     fig = Figure(figsize=(8, 3.5 * len(layout)), layout="constrained")
     axes = fig.subplots(len(layout), 1, sharex=True)

@@ -19,6 +19,7 @@ from cvpo_jax.plotting import (
     group_runs,
     load_run,
     load_runs,
+    panels,
     plot_runs,
     smooth,
 )
@@ -306,6 +307,9 @@ def test_two_constraints_get_one_cost_panel_each(tmp_path):
     np.testing.assert_allclose(run.episode_cost, [31, 32])
     np.testing.assert_allclose(run.metric("episode_cost_0"), [21, 22])
     np.testing.assert_allclose(run.metric("episode_cost_1"), [10, 10])
+    assert run.cost_names == ("hazards", "vases_contact")
+    labels = [label for _, label, _ in panels(run.cost_limit, run.cost_names)]
+    assert labels == ["episode return", "episode cost: hazards", "episode cost: vases_contact"]
     out = plot_runs([run, smooth(run, 2)], tmp_path / "two.png")
     assert out.read_bytes().startswith(PNG_MAGIC)
     (one,) = seeds(tmp_path / "one", 1)
