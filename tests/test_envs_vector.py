@@ -201,3 +201,23 @@ def test_constructor_rejects_bad_arguments():
         SafetyGymVectorEnv("CarGoal1", num_envs=0)
     with pytest.raises(ValueError, match="unknown"):
         SafetyGymVectorEnv("CarGaol1")
+
+
+def test_info_costs_read_ended_episodes_from_final_info():
+    from cvpo_jax.envs.safety_gymnasium import cost_signals, info_costs
+
+    # Env 1 ended this step: its top-level entries belong to the reset.
+    info = {
+        "cost_hazards": np.array([1.0, 0.0]),
+        "_cost_hazards": np.array([True, True]),
+        "cost_vases_contact": np.array([0.0, 0.0]),
+        "_cost_vases_contact": np.array([True, True]),
+        "cost_sum": np.array([1.0, 0.0]),
+        "_cost_sum": np.array([True, True]),
+        "final_info": np.array(
+            [None, {"cost_hazards": 1.0, "cost_vases_contact": 1.0, "cost_sum": 2.0}]
+        ),
+    }
+    assert cost_signals(info) == ["hazards", "sum", "vases_contact"]
+    out = info_costs(info, ["vases_contact", "hazards"], np.array([False, True]))
+    np.testing.assert_array_equal(out, [[0.0, 1.0], [1.0, 1.0]])
