@@ -164,6 +164,7 @@ def test_sweep_runs_every_job_and_reports_the_failed_one(tmp_path):
     with open(tmp_path / "sweep" / job_dirs[0] / "metrics.csv", newline="") as f:
         assert [int(r["env_steps"]) for r in csv.DictReader(f)] == [300, 600]
     assert (tmp_path / "sweep" / "multirun.yaml").is_file()
+    assert "os.fork()" not in proc.stderr  # Later jobs start their envs by forkserver.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # Nothing else left.
 
 
@@ -218,3 +219,50 @@ def test_two_constraints_end_to_end(tmp_path):
     data = json.loads((run_dir / "eval" / "eval_step2000.json").read_text())
     assert data["cost_names"] == ["hazards", "vases_contact"]
     assert len(data["constraint_costs"]) == 1 and len(data["constraint_costs"][0]) == 2
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_with_nothing_retyped(tmp_path):
+    """SIGKILL mid-run (no handler runs), then `run_dir=X resume=true`: training
+    continues from the newest complete checkpoint to the saved budget, with the
+    metrics rows and update count of an uninterrupted run."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [
+        "env=CarGoal1",
+        "total_steps=3000",
+        "warmup_steps=1000",
+        "log_every=500",
+        "checkpoint_every=500",
+        "progress=false",
+        f"run_dir={run_dir}",
+        *TINY_ALGO,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while not (run_dir / "checkpoints" / "1500").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = run_train(f"run_dir={run_dir}", "resume=true", "progress=false", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Updates start with the chunk that ends the warm-up: 10 per 50 steps from 1000.
+    assert "completed at env step 3000 (410 updates)" in resumed.stderr
+    assert "os.fork()" not in resumed.stderr
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["env_steps"]) for r in rows] == [500, 1000, 1500, 2000, 2500, 3000]
+    assert [int(r["updates"]) for r in rows] == [0, 10, 110, 210, 310, 410]
