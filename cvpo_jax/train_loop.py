@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,10 +59,21 @@ class TrainResult:
 def env_start_method() -> str | None:
     """How env subprocesses start: fork (None) before the JAX runtime exists, and
     "forkserver" once it does, because forking its threads can deadlock (and JAX
-    warns). Forkserver workers import Safety-Gymnasium afresh: ~1-2 s once per run."""
+    warns). Forkserver workers import Safety-Gymnasium afresh: ~1-2 s once per run.
+
+    Forkserver children re-import the main module, so it is used only when that is
+    a module (`python -m ...`) or a script file; elsewhere (e.g. `python -c`, stdin,
+    pytest-xdist workers) the envs are forked as before.
+    """
     from jax._src import xla_bridge  # No public API tells whether backends started.
 
-    return "forkserver" if xla_bridge.backends_are_initialized() else None
+    if not xla_bridge.backends_are_initialized():
+        return None
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        return "forkserver"
+    path = getattr(main, "__file__", None)
+    return "forkserver" if path is not None and os.path.isfile(path) else None
 
 
 def make_env(cfg: TrainConfig):

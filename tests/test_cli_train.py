@@ -144,9 +144,8 @@ def test_sweep_runs_every_job_and_reports_the_failed_one(tmp_path):
     trains, in its own run_dir under the sweep dir; the exit status is 1."""
     proc = run_train(
         "-m",
-        "algo.tau=2.0,0.5",
+        "algo.tau=2.0,0.5,0.4",
         "env=CarGoal1",
-        "num_envs=1",
         "total_steps=600",
         "warmup_steps=500",
         "log_every=300",
@@ -158,13 +157,15 @@ def test_sweep_runs_every_job_and_reports_the_failed_one(tmp_path):
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "sweep job failed with exit status 2: algo.tau=2.0" in proc.stderr
-    assert "1 of 2 job(s) failed" in proc.stderr
+    assert "1 of 3 job(s) failed" in proc.stderr
     job_dirs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert job_dirs == ["algo.tau-0.5"]
-    with open(tmp_path / "sweep" / job_dirs[0] / "metrics.csv", newline="") as f:
-        assert [int(r["env_steps"]) for r in csv.DictReader(f)] == [300, 600]
+    assert job_dirs == ["algo.tau-0.4", "algo.tau-0.5"]
+    for name in job_dirs:
+        with open(tmp_path / "sweep" / name / "metrics.csv", newline="") as f:
+            assert [int(r["env_steps"]) for r in csv.DictReader(f)] == [300, 600]
     assert (tmp_path / "sweep" / "multirun.yaml").is_file()
-    assert "os.fork()" not in proc.stderr  # Later jobs start their envs by forkserver.
+    # The third job's 2 subprocess envs start after JAX did: by forkserver, no warning.
+    assert "os.fork()" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # Nothing else left.
 
 

@@ -16,6 +16,7 @@ merge (:func:`true_next_observations`) are pure functions of arrays.
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Self
@@ -321,6 +322,13 @@ class SafetyGymVectorEnv:
         from safety_gymnasium.vector import SafetyAsyncVectorEnv, SafetySyncVectorEnv
 
         if asynchronous:
+            if context == "forkserver":
+                # Forkserver children unpickle safety-gymnasium's worker function, which
+                # imports safety_gymnasium, before anything of ours: the server must have
+                # the compat layer's import hook already (it patches sources at import).
+                multiprocessing.get_context("forkserver").set_forkserver_preload(
+                    ["cvpo_jax.envs.safety_gymnasium_compat"]
+                )
             vec = SafetyAsyncVectorEnv(env_fns, context=context)
         else:
             if context is not None:
