@@ -175,11 +175,13 @@ def test_sharded_over_4_devices_equals_one_device(tmp_path):
                 if key in ("wall_time", "steps_per_s") or ra[key] == "":
                     continue
                 # atol: float32 rounding of near-zero values (e.g. the dual objective
-                # ~1e-3) differs with the XLA program's fusion across device layouts.
+                # ~1e-3) differs with the XLA program's fusion across device layouts;
+                # rtol 1e-4: ratios to small bounds (kl / eps_cov, eps_cov 5e-4)
+                # magnify that rounding (2.9e-5 relative measured).
                 np.testing.assert_allclose(
                     float(ra[key]),
                     float(rb[key]),
-                    rtol=1e-5,
+                    rtol=1e-4,
                     atol=1e-6,
                     err_msg=f"seed {seed} {key}",
                 )
