@@ -23,16 +23,20 @@ TINY_ALGO = [
 ]
 
 
-def run_train(*args, cwd, timeout=600):
+def run_module(module, *args, cwd, timeout=600):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "experiments.train", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_train(*args, cwd, timeout=600):
+    return run_module("experiments.train", *args, cwd=cwd, timeout=timeout)
 
 
 def test_yaml_defaults_equal_the_dataclass_defaults():
@@ -199,20 +203,8 @@ def test_two_constraints_end_to_end(tmp_path):
     assert float(last["qc_threshold_0"]) == pytest.approx(2.0, rel=1e-3)  # 20 * 0.1
     assert float(last["qc_threshold_1"]) == pytest.approx(0.5, rel=1e-3)
     # Evaluation reports each constraint against its own limit.
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.evaluate",
-            f"run_dir={run_dir}",
-            "episodes=1",
-            "max_steps=50",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_module(
+        "experiments.evaluate", f"run_dir={run_dir}", "episodes=1", "max_steps=50", cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cost hazards" in proc.stdout and "its limit 20" in proc.stdout

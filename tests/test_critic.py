@@ -190,25 +190,11 @@ def test_cost_gamma_discounts_only_the_cost_bootstrap():
 
 
 def test_critic_loss_uses_the_configured_cost_gamma():
-    cfg = CVPOConfig(hidden_sizes=(8,), cost_gamma=0.5)
-    nets = make_networks(cfg, obs_size=3, action_low=-np.ones(2), action_high=np.ones(2))
-    k = jax.random.PRNGKey(0)
-    policy_params = nets.policy.init(k, jnp.zeros((1, 3)))
-    critic_params = nets.critic.init(k, jnp.zeros((1, 3)), jnp.zeros((1, 2)))
-    b = 4
-    batch = Transition(
-        obs=jax.random.normal(jax.random.PRNGKey(1), (b, 3)),
-        action=jnp.zeros((b, 2)),
-        reward=jnp.ones(b),
-        cost=jnp.ones((b, 1)),
-        next_obs=jax.random.normal(jax.random.PRNGKey(2), (b, 3)),
-        terminated=jnp.zeros(b),
-        truncated=jnp.zeros(b),
-    )
+    _, nets, critic, target, policy, batch = _setup(num_constraints=1)
+    key = jax.random.PRNGKey(3)
     losses = {}
     for gc in (0.5, None):
-        loss = make_critic_loss(nets, 0.9, gc)
-        _, aux = loss(critic_params, critic_params, policy_params, batch, k)
+        _, aux = make_critic_loss(nets, 0.9, gc)(critic, target, policy, batch, key)
         losses[gc] = (float(aux["critic_loss_reward"]), float(aux["critic_loss_cost"]))
     assert losses[0.5][0] == losses[None][0]  # The reward part does not see cost_gamma.
     assert losses[0.5][1] != losses[None][1]
@@ -226,31 +212,21 @@ def test_threshold_uses_the_cost_discount():
 def test_cost_target_aggregate_sets_the_target_and_leaves_the_estep_view():
     """max for the E-step with mean in the target: the loss equals that of mean
     everywhere, while `pessimistic` still takes the max."""
-    kw = dict(num_reward_critics=1, num_cost_critics=2, hidden_sizes=(8,))
-    split = CVPOConfig(cost_aggregate="max", cost_target_aggregate="mean", **kw)
-    mean = CVPOConfig(cost_aggregate="mean", **kw)
-    maxed = CVPOConfig(cost_aggregate="max", **kw)
-    nets = {
-        n: make_networks(c, 3, [-1.0], [1.0])
-        for n, c in [("s", split), ("mn", mean), ("mx", maxed)]
+    cfg, _, critic, target, policy, batch = _setup(num_constraints=1)
+    variants = {
+        "s": cfg.replace(cost_aggregate="max", cost_target_aggregate="mean"),
+        "mn": cfg.replace(cost_aggregate="mean"),
+        "mx": cfg.replace(cost_aggregate="max"),
     }
-    k = jax.random.PRNGKey(0)
-    pp = nets["s"].policy.init(k, jnp.zeros((1, 3)))
-    cp = nets["s"].critic.init(jax.random.PRNGKey(3), jnp.zeros((1, 3)), jnp.zeros((1, 1)))
-    b = 6
-    batch = Transition(
-        obs=jax.random.normal(jax.random.PRNGKey(1), (b, 3)),
-        action=jnp.zeros((b, 1)),
-        reward=jnp.ones(b),
-        cost=jnp.ones((b, 1)),
-        next_obs=jax.random.normal(jax.random.PRNGKey(2), (b, 3)),
-        terminated=jnp.zeros(b),
-        truncated=jnp.zeros(b),
-    )
-    loss = {n: float(make_critic_loss(v, 0.9)(cp, cp, pp, batch, k)[0]) for n, v in nets.items()}
+    nets = {n: make_networks(c, 3, [-1.0, -1.0], [1.0, 1.0]) for n, c in variants.items()}
+    key = jax.random.PRNGKey(3)
+    loss = {
+        n: float(make_critic_loss(v, 0.9)(critic, target, policy, batch, key)[0])
+        for n, v in nets.items()
+    }
     assert loss["s"] == pytest.approx(loss["mn"], rel=1e-6)
     assert loss["s"] != pytest.approx(loss["mx"], rel=1e-6)
-    q = jnp.array([[5.0], [1.0], [3.0]])  # [N = 1 + 2, B=1]
+    q = jnp.array([[5.0], [6.0], [1.0], [3.0]])  # [N = 2 + 2, B=1]
     np.testing.assert_allclose(nets["s"].pessimistic(q)[1], [[3.0]])
     with pytest.raises(ValueError, match="cost_target_aggregate"):
         CVPOConfig(cost_target_aggregate="median")

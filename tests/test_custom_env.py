@@ -7,8 +7,7 @@ import json
 import gymnasium as gym
 import numpy as np
 import pytest
-from test_cli_train import TINY_ALGO, run_train
-from test_evaluation import run_cli
+from test_cli_train import TINY_ALGO, run_module, run_train
 
 from cvpo_jax.envs import custom
 from cvpo_jax.envs.examples import HazardPoint, hazard_point
@@ -117,7 +116,7 @@ def test_train_and_evaluate_the_example_from_the_command_line(tmp_path):
     assert float(rows[-1]["episode_length"]) == 100
     spec = json.loads((run_dir / "run.json").read_text())
     assert spec["env_id"] == EXAMPLE and spec["algo"]["episode_length"] == 100
-    proc = run_cli("experiments.evaluate", f"run_dir={run_dir}", "episodes=2", cwd=tmp_path)
+    proc = run_module("experiments.evaluate", f"run_dir={run_dir}", "episodes=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((run_dir / "eval" / "eval_step600.json").read_text())
     assert data["env_id"] == EXAMPLE and len(data["costs"]) == 2
