@@ -254,7 +254,7 @@ def run_setting(name: str, spec: dict, repeats: int | None) -> dict:
     # loop whose body XLA counts once.
     members = part_state.target_critic_params["params"]["members"]
     n_members = jax.tree.leaves(members)[0].shape[0]
-    member = Critic(learner.networks.critic.hidden_sizes)
+    member = Critic(learner.networks.critic.hidden_sizes, learner.networks.critic.layer_norm)
     member_body = common.jit_flops(
         lambda p, o, a: member.apply({"params": p}, o, a),
         jax.tree.map(lambda x: x[0], members),

@@ -40,6 +40,7 @@ class CVPOConfig:
     hidden_sizes: tuple[int, ...] = (128, 128)
     num_reward_critics: int = 1
     num_cost_critics: int = 1
+    critic_layer_norm: bool = False  # LayerNorm before each hidden ReLU of the critics.
     full_covariance: bool = True
     min_std: float = 1e-4  # Floor on the Cholesky diagonal: keeps log-probs finite.
     init_std: float = 0.5  # Policy std at initialisation (before any update).
@@ -162,6 +163,12 @@ class CVPOConfig:
             "cost_feedback_bounds",
             fb,
             "a pair (low, high) with 0 < low <= 1 <= high",
+        )
+        _check(
+            isinstance(self.critic_layer_norm, bool),
+            "critic_layer_norm",
+            self.critic_layer_norm,
+            "a bool",
         )
         _check(
             isinstance(self.fit_clipped_actions, bool),

@@ -67,9 +67,20 @@ class Critic(nn.Module):
     The split is exactly a dense layer on the concatenation, but lets K actions at
     one state share the state's projection: obs [B, O] with action [B, A] gives
     [B]; with action [B, K, A] it gives [B, K] at a fraction of the cost.
+
+    With ``layer_norm`` every hidden pre-activation is layer-normalised (with a
+    learned scale and offset) before the ReLU, as in the regularised critics of
+    recent off-policy work: it bounds how far the features, and so Q, can move
+    with the action between the actions seen in the replay.
     """
 
     hidden_sizes: tuple[int, ...]
+    layer_norm: bool = False
+
+    def _activate(self, x: chex.Array, index: int) -> chex.Array:
+        if self.layer_norm:
+            x = nn.LayerNorm(name=f"norm_{index}")(x)
+        return nn.relu(x)
 
     @nn.compact
     def __call__(self, obs: chex.Array, action: chex.Array) -> chex.Array:
@@ -78,9 +89,9 @@ class Critic(nn.Module):
         h_act = nn.Dense(first, use_bias=False, name="act_in")(action)
         if action.ndim == obs.ndim + 1:
             h_obs = h_obs[..., None, :]
-        x = nn.relu(h_obs + h_act)
-        for size in self.hidden_sizes[1:]:
-            x = nn.relu(nn.Dense(size)(x))
+        x = self._activate(h_obs + h_act, 0)
+        for i, size in enumerate(self.hidden_sizes[1:], start=1):
+            x = self._activate(nn.Dense(size)(x), i)
         return nn.Dense(1, name="out")(x)[..., 0]
 
 
@@ -92,6 +103,7 @@ class CriticEnsemble(nn.Module):
 
     num_members: int
     hidden_sizes: tuple[int, ...]
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, obs: chex.Array, action: chex.Array) -> chex.Array:
@@ -103,7 +115,7 @@ class CriticEnsemble(nn.Module):
             out_axes=0,
             axis_size=self.num_members,
         )
-        return ensemble(self.hidden_sizes, name="members")(obs, action)
+        return ensemble(self.hidden_sizes, self.layer_norm, name="members")(obs, action)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +154,7 @@ class Networks:
         one scratch buffer instead of all members' at once (measured 1.4x faster).
         """
         if action.ndim == obs.ndim + 1:
-            member = Critic(self.critic.hidden_sizes)
+            member = Critic(self.critic.hidden_sizes, self.critic.layer_norm)
             return jax.lax.map(
                 lambda p: member.apply({"params": p}, obs, action),
                 critic_params["params"]["members"],
@@ -193,6 +205,7 @@ def make_networks(
     critic = CriticEnsemble(
         num_members=cfg.num_reward_critics + cfg.num_cost_critics * cfg.num_constraints,
         hidden_sizes=cfg.hidden_sizes,
+        layer_norm=cfg.critic_layer_norm,
     )
     return Networks(
         policy=policy,

@@ -240,6 +240,8 @@ BAD_VALUES = [
     ("hidden_sizes", 256, "hidden_sizes"),
     ("full_covariance", 1, "full_covariance"),
     ("full_covariance", "yes", "full_covariance"),
+    ("critic_layer_norm", 1, "critic_layer_norm"),
+    ("fit_clipped_actions", "yes", "fit_clipped_actions"),
     ("cost_limit", (-1,), "cost_limit"),
     ("cost_limit", (), "cost_limit"),
     ("cost_limit", (NAN,), "cost_limit"),

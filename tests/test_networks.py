@@ -78,15 +78,29 @@ def _policy_numpy(params, obs, low, high, hidden, full_cov, min_std, init_std):
     return mean, tril
 
 
+def _layer_norm_numpy(x, p, eps=1e-6):
+    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis (flax's default eps)."""
+    centred = x - x.mean(axis=-1, keepdims=True)
+    var = (centred**2).mean(axis=-1, keepdims=True)
+    return centred / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
 def _critic_numpy(params, obs, action):
-    """A plain MLP on concat([obs, action]); the first kernel is obs_in over act_in."""
+    """A plain MLP on concat([obs, action]); the first kernel is obs_in over act_in.
+
+    With norm_<i> parameters present, hidden layer i is layer-normalised before its ReLU.
+    """
     p = _np(params)["params"]
+
+    def act(x, i):
+        return _relu(_layer_norm_numpy(x, p[f"norm_{i}"]) if f"norm_{i}" in p else x)
+
     w_first = np.concatenate([p["obs_in"]["kernel"], p["act_in"]["kernel"]], axis=0)
     x = np.concatenate([np.asarray(obs, np.float64), np.asarray(action, np.float64)], axis=-1)
-    x = _relu(x @ w_first + p["obs_in"]["bias"])
+    x = act(x @ w_first + p["obs_in"]["bias"], 0)
     i = 0
     while f"Dense_{i}" in p:
-        x = _relu(x @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"])
+        x = act(x @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"], i + 1)
         i += 1
     return (x @ p["out"]["kernel"] + p["out"]["bias"])[..., 0]
 
@@ -251,6 +265,49 @@ def test_critic_split_layer_equals_dense_on_concat(x64, hidden):
     q = jax.jit(critic.apply)(params, obs, act)
     chex.assert_shape(q, (10,))
     np.testing.assert_allclose(q, _critic_numpy(params, obs, act), **F64_TOL)
+
+
+def test_critic_layer_norm_equals_numpy_and_is_scale_free(x64):
+    hidden = (8, 16, 4)
+    critic = Critic(hidden_sizes=hidden, layer_norm=True)
+    obs = _normal(0, (10, 5), dtype=np.float64)
+    act = _normal(1, (10, 3), dtype=np.float64)
+    params = _perturb(jax.jit(critic.init)(jax.random.key(2), obs, act), 0.1, 3)
+    assert sorted(k for k in params["params"] if k.startswith("norm_")) == [
+        "norm_0",
+        "norm_1",
+        "norm_2",
+    ]
+    apply = jax.jit(critic.apply)
+    q = apply(params, obs, act)
+    np.testing.assert_allclose(q, _critic_numpy(params, obs, act), **F64_TOL)
+    # The K-sample path agrees with the pairwise one with the norm too.
+    acts = _normal(4, (10, 6, 3), dtype=np.float64)
+    flat = apply(params, np.repeat(obs, 6, axis=0), acts.reshape(60, 3))
+    np.testing.assert_allclose(apply(params, obs, acts), np.reshape(flat, (10, 6)), **F64_TOL)
+    # The first layer is normalised: scaling its weights and bias (as a large
+    # observation scale would) leaves Q unchanged, which it would not without the norm.
+    scaled = jax.tree.map(lambda x: x, params)
+    for name in ("obs_in", "act_in"):
+        scaled["params"][name] = jax.tree.map(lambda x: 50.0 * x, params["params"][name])
+    np.testing.assert_allclose(apply(scaled, obs, act), q, rtol=1e-6, atol=1e-8)
+    plain = Critic(hidden_sizes=hidden)
+    plain_params = {"params": {k: v for k, v in params["params"].items() if "norm" not in k}}
+    plain_scaled = {"params": {k: v for k, v in scaled["params"].items() if "norm" not in k}}
+    assert not np.allclose(plain.apply(plain_scaled, obs, act), plain.apply(plain_params, obs, act))
+
+
+def test_networks_pass_critic_layer_norm_to_every_path(x64):
+    cfg = CVPOConfig(hidden_sizes=(8, 8), num_reward_critics=2, critic_layer_norm=True)
+    nets = make_networks(cfg, 5, (-1.0, -1.0), (1.0, 1.0))
+    obs = _normal(0, (4, 5), dtype=np.float64)
+    acts = _normal(1, (4, 3, 2), dtype=np.float64)
+    params = nets.critic.init(jax.random.key(0), obs, acts[:, 0])
+    assert "norm_0" in params["params"]["members"]
+    # lax.map over members (K actions) equals the vmapped ensemble on each pair.
+    q = nets.critic_values(params, obs, acts)
+    for j in range(3):
+        np.testing.assert_allclose(q[:, :, j], nets.critic_values(params, obs, acts[:, j]), **F64_TOL)
 
 
 def test_critic_sampled_actions_path_equals_pairwise(x64):
