@@ -34,6 +34,11 @@ class NotARunError(ValueError):
 class RunSpec:
     """Everything needed to rebuild a run's learner without its environment."""
 
+    @property
+    def on_device(self) -> bool:
+        """The run trained in the on-device loop (a JAX env not moved to the host)."""
+        return self.env_id.startswith("brax/") and self.loop != "host"
+
     train: TrainConfig
     algo: CVPOConfig
     env_id: str
@@ -41,6 +46,9 @@ class RunSpec:
     action_low: tuple[float, ...]
     action_high: tuple[float, ...]
     backend: str | None = None  # The physics backend of a JAX env; None on the host.
+    # "host" for a JAX env trained in the host loop (`loop=host`); None: the env's own
+    # loop (on device for JAX envs, the host for the others).
+    loop: str | None = None
 
     @classmethod
     def for_env(cls, train: TrainConfig, algo: CVPOConfig, env: Any) -> RunSpec:
@@ -53,6 +61,7 @@ class RunSpec:
             action_low=tuple(float(x) for x in env.action_low),
             action_high=tuple(float(x) for x in env.action_high),
             backend=getattr(env, "backend", None),
+            loop=getattr(env, "loop", None),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -64,6 +73,7 @@ class RunSpec:
             "action_low": list(self.action_low),
             "action_high": list(self.action_high),
             "backend": self.backend,
+            "loop": self.loop,
         }
 
     @classmethod
@@ -76,6 +86,7 @@ class RunSpec:
             action_low=tuple(data["action_low"]),
             action_high=tuple(data["action_high"]),
             backend=data.get("backend"),  # Absent in runs saved before it was recorded.
+            loop=data.get("loop"),
         )
 
 

@@ -180,7 +180,7 @@ def load_policy(run_dir: str | os.PathLike, step: int | None = None):
         raise ckpt.NotARunError(
             f"{str(run_dir)!r} has an unreadable {ckpt.RUN_FILE} ({type(err).__name__}: {err})."
         ) from err
-    if spec.env_id.startswith("brax/"):
+    if spec.on_device:
         raise ckpt.NotARunError(
             f"{str(run_dir)!r} is an on-device run of {spec.env_id}; this evaluation runs "
             "Safety-Gymnasium runs. Load one seed's policy with "
@@ -288,6 +288,12 @@ def evaluate_policy(
         raise ValueError(f"video_episodes={video_episodes!r} must be an integer >= 0.")
     recording = video_path is not None and video_episodes > 0
     env_id = resolve_env_id(env_id)
+    if env_id.startswith("brax/"):
+        raise ValueError(
+            f"{env_id} is a JAX task: this evaluation rolls out Safety-Gymnasium tasks and "
+            "your own envs. Roll the policy out with the env's reset/step as in "
+            "notebooks/cvpo_tpu.ipynb."
+        )
     render = None
     if recording:
         configure_headless_rendering()

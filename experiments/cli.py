@@ -11,7 +11,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from cvpo_jax.config import CVPOConfig, TrainConfig
 
-CLI_KEYS = {"cost_limit", "run_dir", "resume", "progress", "algo", "num_seeds", "backend"}
+CLI_KEYS = {
+    "cost_limit",
+    "run_dir",
+    "resume",
+    "progress",
+    "algo",
+    "num_seeds",
+    "backend",
+    "loop",
+}
 
 
 class UsageError(ValueError):

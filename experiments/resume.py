@@ -48,6 +48,7 @@ def saved_cli_config(spec: RunSpec, num_seeds: int | None) -> dict[str, Any]:
         "algo": algo,
         "backend": spec.backend,
         "num_seeds": 1 if num_seeds is None else num_seeds,
+        "loop": spec.loop or "auto",
     }
 
 

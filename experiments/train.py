@@ -27,6 +27,8 @@ from omegaconf import DictConfig
 from experiments.cli import SweepReport, UsageError, build_configs, run_cli, run_job
 from experiments.resume import override_keys, resumed_config
 
+LOOPS = ("auto", "host")  # auto: JAX envs train on device, the others on the host.
+
 
 def default_run_dir(env: str, seed: int) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -42,7 +44,7 @@ def _resumed(cfg: DictConfig, given: list[str]) -> DictConfig:
         raise UsageError("resume=true needs the run_dir of the run to continue.")
     spec = ckpt.load_run_spec(cfg.run_dir)
     num_seeds = None
-    if spec.env_id.startswith("brax/"):
+    if spec.on_device:
         step = ckpt.latest_step(cfg.run_dir)
         if step is not None:
             num_seeds = int(ckpt.restore_loop_counters(cfg.run_dir, step)["num_seeds"])
@@ -66,19 +68,26 @@ def _main(cfg: DictConfig, given: list[str]) -> int:
     num_seeds = cfg.num_seeds
     if not isinstance(num_seeds, int) or isinstance(num_seeds, bool) or num_seeds < 1:
         raise UsageError(f"num_seeds={num_seeds!r} must be an integer >= 1.")
-    on_device = env_id.startswith("brax/")
-    if not on_device and (num_seeds != 1 or cfg.backend is not None):
+    jax_env = env_id.startswith("brax/")
+    if cfg.loop not in LOOPS:
+        raise UsageError(f"loop={cfg.loop!r}; allowed: {', '.join(LOOPS)}.")
+    if not jax_env and (num_seeds != 1 or cfg.backend is not None or cfg.loop != "auto"):
         raise UsageError(
-            "num_seeds and backend apply to JAX environments (env=brax/...); "
+            "num_seeds, backend and loop apply to JAX environments (env=brax/...); "
             f"{env_id} runs on the host, one seed per run."
         )
-    if on_device:
-        from cvpo_jax.device_loop import check_device_config
+    on_device = jax_env and cfg.loop != "host"
+    if jax_env and not on_device and num_seeds != 1:
+        raise UsageError(f"num_seeds={num_seeds}: loop=host trains one seed per run.")
+    if jax_env:
         from cvpo_jax.envs.brax_velocity import BACKEND_CHOICES
 
-        check_device_config(train_cfg)
         if cfg.backend is not None and cfg.backend not in BACKEND_CHOICES:
             raise UsageError(f"backend={cfg.backend!r}; allowed: {', '.join(BACKEND_CHOICES)}.")
+    if on_device:
+        from cvpo_jax.device_loop import check_device_config
+
+        check_device_config(train_cfg)
 
     where = f"on device ({num_seeds} seed(s))" if on_device else "on the host"
     print(f"[cvpo] training {env_id} {where}; run_dir={run_dir}", file=sys.stderr, flush=True)
@@ -93,6 +102,7 @@ def _main(cfg: DictConfig, given: list[str]) -> int:
                 resume=bool(cfg.resume),
                 progress=cfg.progress,
                 episode_length_from_env=cfg.algo.episode_length is None,
+                **({"env_factory": _jax_host_env_factory(env_id, cfg.backend)} if jax_env else {}),
             )
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)
@@ -108,6 +118,18 @@ def _main(cfg: DictConfig, given: list[str]) -> int:
         )
     print(summary + f"\n[cvpo] run directory: {run_dir}", file=sys.stderr)
     return 0
+
+
+def _jax_host_env_factory(env_id: str, backend: str | None):
+    """loop=host: the JAX env, vmapped over num_envs and stepped from the host loop."""
+
+    def factory(train_cfg):
+        from cvpo_jax.envs.brax_velocity import make_brax_velocity_env
+        from cvpo_jax.envs.jax_host import JaxHostVectorEnv
+
+        return JaxHostVectorEnv(make_brax_velocity_env(env_id, backend=backend), train_cfg.num_envs)
+
+    return factory
 
 
 def _train_on_device(cfg, train_cfg, algo, env_id, run_dir):

@@ -68,6 +68,9 @@ def test_yaml_defaults_equal_the_dataclass_defaults():
         (["costs=[hazards,hazards]"], "costs"),
         (["env=PointGoal2", "costs=[hazards,vases]", "cost_limit=[20,5]"], "vases_contact"),
         (["env=PointGoal1", "costs=[hazards]", "cost_limit=[20,5]"], "one limit per cost"),
+        (["loop=host"], "apply to JAX environments"),
+        (["env=brax/HopperVelocity", "loop=hots"], "loop='hots'; allowed: auto, host"),
+        (["env=brax/HopperVelocity", "loop=host", "num_seeds=2"], "one seed per run"),
     ],
 )
 def test_bad_values_fail_early_with_a_clear_message(tmp_path, args, message):
