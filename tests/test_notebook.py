@@ -103,12 +103,9 @@ def test_notebook_is_valid_and_has_a_parameters_cell():
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # Stored clean.
 
 
-@pytest.mark.slow
-def test_notebook_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setenv("JUPYTER_PATH", str(kernel_spec(tmp_path / "jupyter")))
-    nb = with_parameters(
-        nbformat.read(NOTEBOOK, as_version=4), {**TINY, "RUN_DIR": str(tmp_path / "run")}
-    )
+def execute(tmp_path, values: dict, name: str):
+    """The notebook executed with `values` injected; the executed copy is kept."""
+    nb = with_parameters(nbformat.read(NOTEBOOK, as_version=4), values)
     client = nbclient.NotebookClient(
         nb,
         kernel_name=KERNEL,
@@ -118,7 +115,19 @@ def test_notebook_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     try:
         client.execute()  # Raises CellExecutionError naming the cell that failed.
     finally:
-        nbformat.write(nb, tmp_path / "executed.ipynb")  # For a look after a failure.
+        nbformat.write(nb, tmp_path / name)  # For a look after a failure.
+    return nb
+
+
+def cell_text(nb, marker: str) -> str:
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and marker in c.source]
+    return "".join(o.get("text", "") for o in cell.outputs)
+
+
+@pytest.mark.slow
+def test_notebook_runs_end_to_end_on_cpu_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_PATH", str(kernel_spec(tmp_path / "jupyter")))
+    nb = execute(tmp_path, {**TINY, "RUN_DIR": str(tmp_path / "run")}, "executed.ipynb")
 
     run = tmp_path / "run"
     for seed in range(2):
@@ -142,3 +151,17 @@ def test_notebook_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     assert "seed 0 at env step 400: 20 steps" in text(outputs("def rollout("))
     render = outputs("html.render(")
     assert any("text/html" in o.get("data", {}) for o in render), text(render)
+
+    # The notebook's save/resume path: RESUME = True continues the same run directory
+    # from its last checkpoint (400) to a longer budget, every seed's log continuing.
+    resumed = execute(
+        tmp_path,
+        {**TINY, "RUN_DIR": str(tmp_path / "run"), "RESUME": True, "TOTAL_STEPS": 600},
+        "resumed.ipynb",
+    )
+    assert "completed: 600 env steps x 2 seeds" in cell_text(resumed, "train_on_device(")
+    assert "seed 0 at env step 600: 20 steps" in cell_text(resumed, "def rollout(")
+    for seed in range(2):
+        with open(run / f"seed{seed}" / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400, 500, 600]
