@@ -50,6 +50,7 @@ class RunCurves:
     episode_cost: np.ndarray  # [T] (with several constraints: their sum)
     constraint_costs: tuple[np.ndarray, ...] = ()  # [T] per constraint when M > 1
     cost_names: tuple[str, ...] = ("sum",)  # The run's cost signals (TrainConfig.costs).
+    loop: str = "host"  # "device" for the on-device loop's runs.
 
     def metric(self, name: str) -> np.ndarray:
         """A curve by name: episode_return, episode_cost or episode_cost_<m>."""
@@ -125,6 +126,7 @@ def load_run(run_dir: str | os.PathLike) -> RunCurves:
         episode_cost=data[:, 2],
         constraint_costs=tuple(data[:, 3 + m] for m in range(len(per_constraint))),
         cost_names=tuple(spec.train.costs),
+        loop="device" if spec.on_device else "host",
     )
 
 
@@ -207,10 +209,11 @@ def smooth(run: RunCurves, window: int) -> RunCurves:
 
 
 def group_runs(runs: Sequence[RunCurves]) -> list[list[RunCurves]]:
-    """Runs of the same env and cost limit (e.g. seeds), in order of first appearance."""
+    """Runs of the same env, loop and cost limit (e.g. seeds), in order of first
+    appearance."""
     groups: dict[tuple, list[RunCurves]] = {}
     for run in runs:
-        groups.setdefault((run.env_id, run.cost_limit), []).append(run)
+        groups.setdefault((run.env_id, run.loop, run.cost_limit), []).append(run)
     return list(groups.values())
 
 
@@ -240,8 +243,15 @@ def aggregate(runs: Sequence[RunCurves], metric: str, band: str = "minmax"):
     return grid, mean, low, high, count
 
 
+def _env_label(run: RunCurves) -> str:
+    """The env id, with the loop for JAX tasks (which can train in either)."""
+    if run.loop == "device":
+        return f"{run.env_id} on device"
+    return f"{run.env_id} (host loop)" if run.env_id.startswith("brax/") else run.env_id
+
+
 def _group_label(group: Sequence[RunCurves], band: str, several_groups: bool) -> str:
-    env_id = group[0].env_id
+    env_id = _env_label(group[0])
     if len(group) == 1:
         label = group[0].run_dir.name or str(group[0].run_dir)
         return f"{env_id}: {label} (1 seed)" if several_groups else f"{label} (1 seed)"

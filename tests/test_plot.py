@@ -14,6 +14,7 @@ from cvpo_jax import checkpoint as ckpt
 from cvpo_jax.config import CVPOConfig, TrainConfig
 from cvpo_jax.plotting import (
     NotPlottableError,
+    _group_label,
     aggregate,
     expand_run_dirs,
     group_runs,
@@ -34,7 +35,7 @@ HEADER = (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(path, rows, env_id="SafetyCarGoal1-v0", cost_limit=25.0, seed=0):
+def make_run(path, rows, env_id="SafetyCarGoal1-v0", cost_limit=25.0, seed=0, loop=None):
     """A run directory with run.json and metrics.csv rows (env_steps, return, cost)."""
     path.mkdir(parents=True)
     spec = ckpt.RunSpec(
@@ -44,6 +45,7 @@ def make_run(path, rows, env_id="SafetyCarGoal1-v0", cost_limit=25.0, seed=0):
         obs_size=72,
         action_low=(-1.0, -1.0),
         action_high=(1.0, 1.0),
+        loop=loop,
     )
     ckpt.save_run_spec(path, spec)
     lines = [HEADER]
@@ -205,6 +207,32 @@ def test_load_runs_reads_each_seed_of_a_multi_seed_run(tmp_path):
     assert len(group_runs(runs)) == 1
     # A plain run is itself; a seed directory of a multi-seed run is a run too.
     assert [r.run_dir for r in load_runs(path / "seed3")] == [path / "seed3"]
+
+
+def test_host_loop_and_device_runs_of_one_task_are_separate_curves(tmp_path):
+    device = load_runs(multi_seed_run(tmp_path / "device", n=2))
+    host = [
+        load_run(
+            make_run(
+                tmp_path / f"host{i}",
+                [(s, 5.0 + i, 20.0) for s in range(1000, 6001, 1000)],
+                env_id="brax/HalfCheetahVelocity",
+                loop="host",
+            )
+        )
+        for i in range(2)
+    ]
+    assert {r.loop for r in device} == {"device"} and {r.loop for r in host} == {"host"}
+    groups = group_runs([*device, *host])
+    assert [[r.run_dir.name for r in g] for g in groups] == [["seed0", "seed1"], ["host0", "host1"]]
+    out = plot_runs([*device, *host], tmp_path / "both.png")
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    labels = [_group_label(g, "minmax", True) for g in groups]
+    assert labels == [
+        "brax/HalfCheetahVelocity on device: mean of 2 seeds (minmax band)",
+        "brax/HalfCheetahVelocity (host loop): mean of 2 seeds (minmax band)",
+    ]
+    assert load_run(make_run(tmp_path / "sg", [(1000, 1.0, 5.0)])).loop == "host"
 
 
 def test_load_runs_rejects_directories_without_runs(tmp_path):
