@@ -307,7 +307,9 @@ def test_networks_pass_critic_layer_norm_to_every_path(x64):
     # lax.map over members (K actions) equals the vmapped ensemble on each pair.
     q = nets.critic_values(params, obs, acts)
     for j in range(3):
-        np.testing.assert_allclose(q[:, :, j], nets.critic_values(params, obs, acts[:, j]), **F64_TOL)
+        np.testing.assert_allclose(
+            q[:, :, j], nets.critic_values(params, obs, acts[:, j]), **F64_TOL
+        )
 
 
 def test_critic_sampled_actions_path_equals_pairwise(x64):
