@@ -27,6 +27,9 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+COST_BOOTSTRAPS = ("policy", "data")
+
+
 @dataclasses.dataclass(frozen=True)
 class CVPOConfig:
     """Hyperparameters of one CVPO learner.
@@ -64,6 +67,12 @@ class CVPOConfig:
     # above keeps the E-step pessimistic without compounding the max through the
     # bootstrap.
     cost_target_aggregate: str | None = None
+    # The next action of the cost critics' TD target: "policy" samples it from the
+    # target policy (as for the reward critics); "data" takes the action the data took
+    # at the bootstrap observation (the policy's where the episode ended there), so
+    # the cost target follows costs actually paid and never bootstraps from actions
+    # the E-step chose because their Q_c was extrapolated low.
+    cost_bootstrap: str = "policy"
 
     # E-step.
     num_samples: int = 16  # K actions per state.
@@ -163,6 +172,12 @@ class CVPOConfig:
             "cost_feedback_bounds",
             fb,
             "a pair (low, high) with 0 < low <= 1 <= high",
+        )
+        _check(
+            self.cost_bootstrap in COST_BOOTSTRAPS,
+            "cost_bootstrap",
+            self.cost_bootstrap,
+            f"one of {COST_BOOTSTRAPS}",
         )
         _check(
             isinstance(self.critic_layer_norm, bool),

@@ -63,11 +63,18 @@ def td_targets(
     return y_r, y_c
 
 
-def make_critic_loss(networks: Networks, gamma: float, cost_gamma: float | None = None) -> Callable:
+def make_critic_loss(
+    networks: Networks,
+    gamma: float,
+    cost_gamma: float | None = None,
+    cost_bootstrap: str = "policy",
+) -> Callable:
     """Returns loss(critic_params, target_critic_params, target_policy_params, batch, key).
 
     The loss is the mean squared TD error, averaged over members and batch, of the
     reward members plus that of the cost members; aux holds both parts and mean Qs.
+    With cost_bootstrap "data" the cost members bootstrap at the batch's
+    `next_action` where `has_next_action` is 1 (the target policy's sample elsewhere).
     """
 
     def loss_fn(
@@ -85,6 +92,15 @@ def make_critic_loss(networks: Networks, gamma: float, cost_gamma: float | None 
         next_action = jnp.clip(next_action, low, high)
         next_q = networks.critic.apply(target_critic_params, batch.next_obs, next_action)
         next_q_r, next_q_c = networks.split_critic_values(next_q)
+        if cost_bootstrap == "data":
+            if batch.next_action is None:
+                raise ValueError(
+                    "cost_bootstrap='data' needs batches with next_action (a replay made "
+                    "with next_action=True)."
+                )
+            taken = jnp.where(batch.has_next_action[:, None] > 0, batch.next_action, next_action)
+            next_q_data = networks.critic.apply(target_critic_params, batch.next_obs, taken)
+            next_q_c = networks.split_critic_values(next_q_data)[1]
         y_r, y_c = td_targets(
             batch.reward,
             batch.cost,

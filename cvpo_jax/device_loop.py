@@ -107,9 +107,7 @@ class DeviceTrainer:
         )
 
     def _metric_zeros(self, train_state: TrainState) -> dict:
-        example = jax.tree.map(
-            lambda x: jnp.zeros((self.cfg.batch_size, *x.shape), x.dtype), self.replay.example
-        )
+        example = self.replay.example_batch()
         shapes = jax.eval_shape(
             lambda s, b: update_step(s, b, self.learner.networks, self.algo), train_state, example
         )[1]
@@ -264,5 +262,6 @@ def make_device_trainer(cfg: TrainConfig, algo: CVPOConfig, env) -> DeviceTraine
         stride=cfg.num_envs,
         gamma=algo.gamma,
         cost_gamma=algo.gamma_cost,
+        next_action=algo.cost_bootstrap == "data",
     )
     return DeviceTrainer(cfg=cfg, algo=algo, env=env, learner=learner, replay=replay)

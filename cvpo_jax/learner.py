@@ -87,7 +87,9 @@ def clip_to_box(action: chex.Array, networks: Networks) -> chex.Array:
 
 def _critic_step(state: TrainState, batch: Transition, networks: Networks, cfg: CVPOConfig, key):
     """One gradient step of both critic ensembles: (critic params, optimiser state, aux)."""
-    critic_loss = critic_lib.make_critic_loss(networks, cfg.gamma, cfg.gamma_cost)
+    critic_loss = critic_lib.make_critic_loss(
+        networks, cfg.gamma, cfg.gamma_cost, cfg.cost_bootstrap
+    )
     (_, critic_aux), grads = jax.value_and_grad(critic_loss, has_aux=True)(
         state.critic_params,
         state.target_critic_params,

@@ -44,6 +44,7 @@ class Replay(NamedTuple):
     stride: int = 1
     gamma: float = 0.99
     cost_gamma: float | None = None
+    next_action: bool = False  # Samples carry the data's next action (see sample_nstep).
 
     def init(self):
         return self.buffer.init(self.example)
@@ -52,10 +53,17 @@ class Replay(NamedTuple):
         return self.buffer.add(state, transitions)
 
     def sample(self, state, key: chex.PRNGKey) -> Transition:
-        if self.n_step == 1:
+        if self.n_step == 1 and not self.next_action:
             return self.buffer.sample(state, key).experience
         return sample_nstep(
-            state, key, self.batch_size, self.n_step, self.stride, self.gamma, self.cost_gamma
+            state,
+            key,
+            self.batch_size,
+            self.n_step,
+            self.stride,
+            self.gamma,
+            self.cost_gamma,
+            next_action=self.next_action,
         )
 
     def sample_many(self, state, key: chex.PRNGKey, num: int) -> Transition:
@@ -65,6 +73,12 @@ class Replay(NamedTuple):
 
     def can_sample(self, state) -> chex.Array:
         return self.buffer.can_sample(state)
+
+    def example_batch(self) -> Transition:
+        """Zeros with the structure of one sampled batch [B, ...] (n-step and
+        next-action fields included), for tracing updates before any data exists."""
+        shapes = jax.eval_shape(lambda k: self.sample(self.init(), k), jax.random.PRNGKey(0))
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
 
 def example_transition(obs_size: int, action_size: int, num_constraints: int) -> Transition:
@@ -92,12 +106,14 @@ def make_replay(
     stride: int = 1,
     gamma: float = 0.99,
     cost_gamma: float | None = None,
+    next_action: bool = False,
 ) -> Replay:
     """A uniform replay of at most `capacity` transitions, sampling batches of B.
 
     With n_step > 1 samples are n-step transitions over items `stride` apart (the
     number of envs adding one vector step at a time) discounted by `gamma` (the cost
-    by `cost_gamma` when given).
+    by `cost_gamma` when given). With `next_action` they also carry the action the
+    data took at the bootstrap observation (`sample_nstep`).
     """
     if capacity < batch_size:
         raise ValueError(f"buffer capacity={capacity} must be >= batch_size={batch_size}.")
@@ -105,7 +121,7 @@ def make_replay(
         raise ValueError(f"n_step={n_step!r} must be an integer >= 1.")
     if not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride={stride!r} must be an integer >= 1 (the number of envs).")
-    if (n_step - 1) * stride >= capacity:
+    if (n_step - 1 + int(next_action)) * stride >= capacity:
         raise ValueError(
             f"buffer capacity={capacity} is too small for n_step={n_step} with {stride} envs."
         )
@@ -125,6 +141,7 @@ def make_replay(
         stride=stride,
         gamma=float(gamma),
         cost_gamma=None if cost_gamma is None else float(cost_gamma),
+        next_action=bool(next_action),
     )
 
 
@@ -181,22 +198,37 @@ def sample_nstep(
     stride: int,
     gamma: float,
     cost_gamma: float | None = None,
+    next_action: bool = False,
 ) -> Transition:
     """B uniform n-step transitions (see `nstep_transition`) from an item buffer state.
 
     A window starts at any item whose n-1 successors (`stride` apart) are already
     in the buffer, so the newest (n-1)*stride items only appear as successors.
+
+    With `next_action` the window is one item longer: that item is the same env's
+    step after the window, whose observation is the bootstrap observation when no
+    step of the window ended its episode; its action is returned as `next_action`,
+    with `has_next_action` = 1 exactly then (0 where the window reached a
+    termination, a time limit or a resume cut, whose next item is another episode's).
     """
     experience = jax.tree.map(lambda x: x[0], state.experience)  # [capacity, ...]
     capacity = experience.reward.shape[0]
     size = jnp.where(state.is_full, capacity, state.current_index)
     head = jnp.where(state.is_full, state.current_index, 0)
-    num_starts = jnp.maximum(size - (n_step - 1) * stride, 1)
+    length = n_step + int(next_action)
+    num_starts = jnp.maximum(size - (length - 1) * stride, 1)
     offsets = jax.random.randint(key, (batch_size,), 0, num_starts)
-    steps = jnp.arange(n_step) * stride
-    idx = (head + offsets[:, None] + steps[None, :]) % capacity  # [B, n]
+    steps = jnp.arange(length) * stride
+    idx = (head + offsets[:, None] + steps[None, :]) % capacity  # [B, length]
     seq = jax.tree.map(lambda x: x[idx], experience)
-    return nstep_transition(seq, gamma, cost_gamma)
+    if not next_action:
+        return nstep_transition(seq, gamma, cost_gamma)
+    out = nstep_transition(jax.tree.map(lambda x: x[:, :n_step], seq), gamma, cost_gamma)
+    done = jnp.maximum(seq.terminated[:, :n_step], seq.truncated[:, :n_step])
+    return out._replace(
+        next_action=seq.action[:, n_step],
+        has_next_action=1.0 - jnp.max(done.astype(jnp.float32), axis=1),
+    )
 
 
 def num_items(state) -> int:

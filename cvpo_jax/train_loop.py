@@ -246,6 +246,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
         stride=cfg.num_envs,
         gamma=algo.gamma,
         cost_gamma=algo.gamma_cost,
+        next_action=algo.cost_bootstrap == "data",
     )
     act_fn, add_fn, learn_fn = make_jitted_steps(learner, replay, cfg.updates_per_chunk)
     k_init, k_act, k_learn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
@@ -267,7 +268,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
         buffer_state = replay.init()
     ckpt.save_run_spec(run_dir, spec)  # Records e.g. a longer total_steps on resume.
 
-    example = jax.tree.map(lambda x: jnp.zeros((cfg.batch_size, *x.shape), x.dtype), replay.example)
+    example = replay.example_batch()
     shapes = jax.eval_shape(learner.update, state, example)[1]
     metric_names = flat_metric_names({k: v.shape for k, v in shapes.items()})
     metric_names += calibration_columns(algo.num_constraints)

@@ -34,6 +34,10 @@ class Transition(NamedTuple):
     into reward and cost. None means a one-step transition: gamma (1 - terminated).
     cost_discount [B] is the same factor for the cost (cost_gamma^m (1 - terminated)),
     set on n-step samples only.
+    next_action [B, A] and has_next_action [B] (0/1) are set only when the replay
+    samples the data's next action (`cost_bootstrap="data"`): the action the behaviour
+    policy took at the bootstrap observation, valid where has_next_action is 1 (no
+    episode end inside the sampled window).
     """
 
     obs: chex.Array
@@ -45,6 +49,8 @@ class Transition(NamedTuple):
     truncated: chex.Array
     discount: chex.Array | None = None
     cost_discount: chex.Array | None = None
+    next_action: chex.Array | None = None
+    has_next_action: chex.Array | None = None
 
 
 @flax.struct.dataclass

@@ -241,6 +241,7 @@ BAD_VALUES = [
     ("full_covariance", 1, "full_covariance"),
     ("full_covariance", "yes", "full_covariance"),
     ("critic_layer_norm", 1, "critic_layer_norm"),
+    ("cost_bootstrap", "sampled", "cost_bootstrap"),
     ("fit_clipped_actions", "yes", "fit_clipped_actions"),
     ("cost_limit", (-1,), "cost_limit"),
     ("cost_limit", (), "cost_limit"),
