@@ -41,6 +41,7 @@ class JaxHostVectorEnv:
         self._step = jax.jit(_vector_step(env, num_envs))
         self._state = None
         self._key = None
+        self._acc = None
 
     def reset(self, seed: int | None = None) -> np.ndarray:
         key = jax.random.PRNGKey(0 if seed is None else seed)
@@ -59,15 +60,19 @@ class JaxHostVectorEnv:
                 f"actions have shape {actions.shape}, expected {(self.num_envs, self.action_size)}."
             )
         self._key, self._state = self._step(self._key, self._state, actions)
-        s = jax.device_get(self._state)
-        reward = np.asarray(s.reward, np.float32)
-        cost = np.asarray(s.cost, np.float32)
-        terminated = np.asarray(s.terminated) > 0
-        truncated = np.asarray(s.truncated) > 0
+        st = self._state
+        # Only what the loop needs comes to the host, not the whole physics state.
+        obs, next_obs, reward, cost, terminated, truncated = jax.device_get(
+            (st.obs, st.next_obs, st.reward, st.cost, st.terminated, st.truncated)
+        )
+        reward = np.asarray(reward, np.float32)
+        cost = np.asarray(cost, np.float32)
+        terminated = np.asarray(terminated) > 0
+        truncated = np.asarray(truncated) > 0
         self._acc, episode = accumulate_episodes(self._acc, reward, cost, terminated | truncated)
         return StepResult(
-            obs=np.asarray(s.obs),
-            next_obs=np.asarray(s.next_obs),
+            obs=np.asarray(obs),
+            next_obs=np.asarray(next_obs),
             reward=reward,
             cost=cost,
             terminated=terminated,
