@@ -34,11 +34,6 @@ class NotARunError(ValueError):
 class RunSpec:
     """Everything needed to rebuild a run's learner without its environment."""
 
-    @property
-    def on_device(self) -> bool:
-        """The run trained in the on-device loop (a JAX env not moved to the host)."""
-        return self.env_id.startswith("brax/") and self.loop != "host"
-
     train: TrainConfig
     algo: CVPOConfig
     env_id: str
@@ -49,6 +44,11 @@ class RunSpec:
     # "host" for a JAX env trained in the host loop (`loop=host`); None: the env's own
     # loop (on device for JAX envs, the host for the others).
     loop: str | None = None
+
+    @property
+    def on_device(self) -> bool:
+        """The run trained in the on-device loop (a JAX env not moved to the host)."""
+        return self.env_id.startswith("brax/") and self.loop != "host"
 
     @classmethod
     def for_env(cls, train: TrainConfig, algo: CVPOConfig, env: Any) -> RunSpec:

@@ -55,7 +55,7 @@ def _resumed(cfg: DictConfig, given: list[str]) -> DictConfig:
 def _main(cfg: DictConfig, given: list[str]) -> int:
     from cvpo_jax.checkpoint import CheckpointError
     from cvpo_jax.envs.registry import resolve_env_id
-    from cvpo_jax.train_loop import TrainingDiverged, prepare_run_dir, train
+    from cvpo_jax.train_loop import TrainingDiverged, make_env, prepare_run_dir, train
 
     # Everything that can be wrong with the command line fails here, before any work.
     if cfg.resume:
@@ -102,7 +102,7 @@ def _main(cfg: DictConfig, given: list[str]) -> int:
                 resume=bool(cfg.resume),
                 progress=cfg.progress,
                 episode_length_from_env=cfg.algo.episode_length is None,
-                **({"env_factory": _jax_host_env_factory(env_id, cfg.backend)} if jax_env else {}),
+                env_factory=_jax_host_env_factory(env_id, cfg.backend) if jax_env else make_env,
             )
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)

@@ -138,33 +138,17 @@ def test_data_bootstrap_target_equals_the_hand_computation():
 
 
 def test_both_loops_train_with_the_data_bootstrap(tmp_path):
+    import dataclasses
+
     from scripted_env import ScriptedVectorEnv
     from scripted_jax_env import ScriptedJaxEnv
+    from test_train_loop import ALGO, CFG
 
-    from cvpo_jax.config import TrainConfig
     from cvpo_jax.device_loop import make_device_trainer
     from cvpo_jax.train_loop import train
 
-    algo = CVPOConfig(
-        hidden_sizes=(16, 16),
-        num_samples=4,
-        dual_steps=3,
-        cost_limit=(2.0,),
-        episode_length=10,
-        cost_bootstrap="data",
-    )
-    cfg = TrainConfig(
-        env="Scripted-v0",
-        total_steps=300,
-        num_envs=2,
-        warmup_steps=100,
-        batch_size=32,
-        buffer_size=1000,
-        update_ratio=0.1,
-        update_every=50,
-        log_every=100,
-        checkpoint_every=300,
-    )
+    algo = ALGO.replace(cost_bootstrap="data")
+    cfg = dataclasses.replace(CFG, total_steps=300, warmup_steps=100, checkpoint_every=300)
     result = train(
         cfg, algo, tmp_path / "host", progress=False, env_factory=lambda c: ScriptedVectorEnv(2)
     )

@@ -14,32 +14,12 @@ import pytest
 from scripted_env import ScriptedVectorEnv
 from scripted_jax_env import ScriptedJaxEnv
 from test_cli_train import run_train
+from test_train_loop import ALGO, CFG  # The host loop tests' tiny settings.
 
 from cvpo_jax import checkpoint as ckpt
-from cvpo_jax.config import CVPOConfig, TrainConfig
 from cvpo_jax.envs.jax_host import JaxHostVectorEnv
 from cvpo_jax.evaluation import load_policy
 from cvpo_jax.train_loop import train
-
-ALGO = CVPOConfig(
-    hidden_sizes=(16, 16),
-    num_samples=4,
-    dual_steps=3,
-    cost_limit=(2.0,),
-    episode_length=10,
-)
-CFG = TrainConfig(
-    env="Scripted-v0",
-    total_steps=400,
-    num_envs=2,
-    warmup_steps=150,
-    batch_size=32,
-    buffer_size=1000,
-    update_ratio=0.1,
-    update_every=50,
-    log_every=100,
-    checkpoint_every=200,
-)
 
 
 def _rows(path):
