@@ -28,6 +28,7 @@ def _is_int(x: Any) -> bool:
 
 
 COST_BOOTSTRAPS = ("policy", "data")
+CONSTRAINT_FORMS = ("level", "advantage")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,14 @@ class CVPOConfig:
     # 0 disables it (the threshold stays the converted limit).
     cost_feedback_gain: float = 0.0
     cost_feedback_bounds: tuple[float, float] = (0.1, 10.0)
+    # What the E-step bounds. "level": E_q[Q_c] <= qc_threshold, so the cost critic's
+    # level decides. "advantage": E_q[Q_c] - E_pi_old[Q_c] <= qc_threshold - C_real,
+    # with C_real the realised episode cost (a running mean over the last
+    # realised_cost_episodes finished training episodes) in the same per-step units,
+    # so the critic only ranks actions and the level comes from the costs paid (the
+    # first-order constraint of CPO, J_c(pi) + A_c <= d). Host loop only.
+    constraint_form: str = "level"
+    realised_cost_episodes: int = 20
 
     # M-step.
     mstep_steps: int = 1
@@ -143,6 +152,7 @@ class CVPOConfig:
             "mstep_steps",
             "episode_length",
             "n_step",
+            "realised_cost_episodes",
         ):
             v = getattr(self, name)
             _check(_is_int(v) and v >= 1, name, v, "an integer >= 1")
@@ -172,6 +182,18 @@ class CVPOConfig:
             "cost_feedback_bounds",
             fb,
             "a pair (low, high) with 0 < low <= 1 <= high",
+        )
+        _check(
+            self.constraint_form in CONSTRAINT_FORMS,
+            "constraint_form",
+            self.constraint_form,
+            f"one of {CONSTRAINT_FORMS}",
+        )
+        _check(
+            self.constraint_form == "level" or self.cost_feedback_gain == 0,
+            "cost_feedback_gain",
+            self.cost_feedback_gain,
+            "0 with constraint_form=advantage (the realised cost already sets the budget)",
         )
         _check(
             self.cost_bootstrap in COST_BOOTSTRAPS,

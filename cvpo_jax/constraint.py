@@ -1,4 +1,4 @@
-"""Realised-cost feedback on the E-step's cost threshold.
+"""Realised-cost feedback on the E-step's cost threshold, and its advantage form.
 
 The E-step constrains E_q[Q_c] <= qc_threshold on replayed states, so it is only
 as good as the cost critic and as the replay's state distribution is like the
@@ -16,13 +16,24 @@ when the mean episode cost is at the limit: single-episode costs are heavy-taile
 carrying most of the mean), so a symmetric clip of the error would track a
 quantile instead and settle above the limit. Only errors beyond ERROR_CAP (costs
 over 11x the limit) are cut, to bound the step of one episode.
+
+The advantage form (`constraint_form="advantage"`) takes the level from the costs
+paid instead of the critic: the E-step bounds E_q[Q_c] - E_pi_old[Q_c] by the budget
+qc_threshold - to_q(C_real), where C_real is the running mean of the finished
+episodes' costs and to_q the same per-step conversion as the limit's. That is CPO's
+first-order constraint J_c(pi) + E[A_c] <= d with J_c measured on the episodes and
+only the critic's differences between actions at a state used, so a critic that is
+wrong by a constant (seen: ~-2 in Q units where the realised level is ~4.5) cannot
+move the constraint.
 """
 
 from __future__ import annotations
 
+import chex
+import jax.numpy as jnp
 import numpy as np
 
-from cvpo_jax.config import CVPOConfig
+from cvpo_jax.config import CVPOConfig, episodic_to_q_threshold
 
 ERROR_CAP = 10.0
 
@@ -51,3 +62,46 @@ def feedback_threshold_scale(
         error = np.minimum((cost - limits) / np.maximum(limits, 1.0), ERROR_CAP)
         log_scale = np.clip(log_scale - cfg.cost_feedback_gain * error, lo, hi)
     return log_scale.astype(np.float32)
+
+
+def realised_cost_update(
+    mean: np.ndarray, count: float, episode_costs: np.ndarray, cfg: CVPOConfig
+) -> tuple[np.ndarray, float]:
+    """The running mean of episode costs after a sequence of finished episodes.
+
+    Each episode moves the mean by (C - mean) * max(1 / (count + 1), 1 / N), N =
+    cfg.realised_cost_episodes: the plain mean of the first N episodes, then an
+    exponential average over about the last N.
+
+    Args:
+      mean: [M] current running mean; count: episodes seen so far.
+      episode_costs: [E, M] episodic costs in the order the episodes ended (E may be 0).
+
+    Returns:
+      (new mean [M] float32, new count).
+    """
+    mean = np.asarray(mean, np.float64)
+    costs = np.asarray(episode_costs, np.float64).reshape(-1, cfg.num_constraints)
+    for cost in costs:
+        rate = max(1.0 / (count + 1.0), 1.0 / cfg.realised_cost_episodes)
+        mean = mean + rate * (cost - mean)
+        count += 1.0
+    return mean.astype(np.float32), float(count)
+
+
+def advantage_threshold(
+    q_c: chex.Array, realised_cost: chex.Array, realised_episodes: chex.Array, cfg: CVPOConfig
+) -> chex.Array:
+    """The E-step threshold [M] of the advantage form: E_pi_old[Q_c] + budget.
+
+    Args:
+      q_c: [B, K, M] cost values of the K samples from pi_old at B states.
+      realised_cost: [M] running mean of the episodes' costs (episodic units).
+      realised_episodes: [] how many episodes it has seen; before the first the budget
+        is 0 (the E-step may not raise the expected cost).
+    """
+    chex.assert_rank(q_c, 3)
+    to_q = episodic_to_q_threshold(1.0, cfg.gamma_cost, cfg.episode_length)  # linear in C
+    budget = jnp.asarray(cfg.qc_threshold, q_c.dtype) - to_q * realised_cost
+    budget = jnp.where(realised_episodes > 0, budget, 0.0)
+    return jnp.mean(q_c, axis=(0, 1)) + budget

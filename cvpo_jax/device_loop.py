@@ -246,6 +246,11 @@ def make_device_trainer(cfg: TrainConfig, algo: CVPOConfig, env) -> DeviceTraine
             f"cost_feedback_gain={algo.cost_feedback_gain}: the realised-cost feedback runs in "
             "the host loop only; use cost_feedback_gain=0 for on-device training."
         )
+    if algo.constraint_form != "level":
+        raise ValueError(
+            f"constraint_form={algo.constraint_form!r}: the realised episode cost it needs is "
+            "tracked in the host loop only; use constraint_form=level on device (or loop=host)."
+        )
     if cfg.critic_pretrain_updates:
         raise ValueError(
             f"critic_pretrain_updates={cfg.critic_pretrain_updates}: critic pre-training runs "

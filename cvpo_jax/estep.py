@@ -87,6 +87,8 @@ def init_estep_duals(cfg: CVPOConfig, dtype=jnp.float32) -> EStepDuals:
         log_lambda=params["log_lambda"],
         opt_state=dual_optimizer(cfg).init(params),
         log_threshold_scale=jnp.zeros((cfg.num_constraints,), dtype),
+        realised_cost=jnp.zeros((cfg.num_constraints,), dtype),
+        realised_episodes=jnp.zeros((), dtype),
     )
 
 
@@ -145,7 +147,9 @@ def solve_dual(
         params = {**params, "log_lambda": duals.log_lambda + change}
     value, grads = jax.value_and_grad(objective)(params)
     info = {"dual_objective": value, "dual_grad_norm": optax.global_norm(grads)}
-    new = EStepDuals(params["log_eta"], params["log_lambda"], opt_state, duals.log_threshold_scale)
+    new = duals.replace(
+        log_eta=params["log_eta"], log_lambda=params["log_lambda"], opt_state=opt_state
+    )
     return new, info
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cvpo_jax import constraint as constraint_lib
 from cvpo_jax import critic as critic_lib
 from cvpo_jax import estep as estep_lib
 from cvpo_jax import mstep as mstep_lib
@@ -143,12 +144,16 @@ def update_step(
     )
     clipped = clip_to_box(actions, networks)
     q_r, q_c = networks.pessimistic_q(state.target_critic_params, batch.obs, clipped)
-    qc_threshold = jnp.asarray(cfg.qc_threshold, jnp.float32) * jnp.exp(
-        state.estep_duals.log_threshold_scale
-    )
-    estep_duals, weights, estep_info = estep_lib.estep(
-        state.estep_duals, q_r, q_c, qc_threshold, cfg
-    )
+    duals = state.estep_duals
+    if cfg.constraint_form == "advantage":
+        qc_threshold = constraint_lib.advantage_threshold(
+            q_c, duals.realised_cost, duals.realised_episodes, cfg
+        )
+    else:
+        qc_threshold = jnp.asarray(cfg.qc_threshold, jnp.float32) * jnp.exp(
+            duals.log_threshold_scale
+        )
+    estep_duals, weights, estep_info = estep_lib.estep(duals, q_r, q_c, qc_threshold, cfg)
 
     # 3. M-step: fit pi_theta to the weighted samples inside the KL trust region.
     policy_params, policy_opt_state, mstep_duals, mstep_info = mstep_lib.mstep(

@@ -9,9 +9,10 @@ fold_in(act_key, t) and the update chunk after n updates fold_in(learn_key, n), 
 resumed run draws the same keys as an uninterrupted one.
 
 Every finished training episode is compared with the critics (`calibration.py`,
-logged per interval) and, with `cost_feedback_gain` > 0, moves the E-step's
-threshold (`constraint.py`). With `critic_pretrain_updates` the critics take that
-many critic-only updates once, when the warm-up data is in.
+logged per interval), updates the realised-cost mean of `constraint_form=advantage`
+and, with `cost_feedback_gain` > 0, moves the E-step's threshold (`constraint.py`).
+With `critic_pretrain_updates` the critics take that many critic-only updates once,
+when the warm-up data is in.
 
 Ctrl-C (SIGINT) sets a flag; the loop stops at the next vector step, saves a
 checkpoint of the last consistent point (whole chunks only) and returns. A second
@@ -37,7 +38,7 @@ from cvpo_jax import checkpoint as ckpt
 from cvpo_jax import replay as replay_lib
 from cvpo_jax.calibration import CalibrationTracker, calibration_columns
 from cvpo_jax.config import CVPOConfig, TrainConfig
-from cvpo_jax.constraint import feedback_threshold_scale
+from cvpo_jax.constraint import feedback_threshold_scale, realised_cost_update
 from cvpo_jax.learner import Learner, make_learner
 from cvpo_jax.run_logging import RunLogger, flat_metric_names, non_finite_metrics
 from cvpo_jax.types import Transition
@@ -363,7 +364,9 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                 # The staging arrays are refilled next chunk: let the add consume them first.
                 jax.block_until_ready(buffer_state)
                 env_steps = steps
-                if algo.cost_feedback_gain > 0 and finished_costs:
+                if finished_costs and (
+                    algo.cost_feedback_gain > 0 or algo.constraint_form == "advantage"
+                ):
                     state = _apply_cost_feedback(state, finished_costs, algo)
                 if (
                     cfg.critic_pretrain_updates
@@ -416,12 +419,20 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
 
 
 def _apply_cost_feedback(state, episode_costs, algo: CVPOConfig):
-    """The train state with the E-step threshold scale moved by finished episodes' costs."""
+    """The train state with finished episodes' costs fed to the E-step: the threshold
+    scale moved (`cost_feedback_gain`) and the realised-cost mean updated."""
     duals = state.estep_duals
-    log_scale = feedback_threshold_scale(
-        np.asarray(duals.log_threshold_scale), np.asarray(episode_costs), algo
+    costs = np.asarray(episode_costs)
+    log_scale = feedback_threshold_scale(np.asarray(duals.log_threshold_scale), costs, algo)
+    mean, count = realised_cost_update(
+        np.asarray(duals.realised_cost), float(duals.realised_episodes), costs, algo
     )
-    return state.replace(estep_duals=duals.replace(log_threshold_scale=jnp.asarray(log_scale)))
+    duals = duals.replace(
+        log_threshold_scale=jnp.asarray(log_scale),
+        realised_cost=jnp.asarray(mean),
+        realised_episodes=jnp.asarray(count, duals.realised_episodes.dtype),
+    )
+    return state.replace(estep_duals=duals)
 
 
 @jax.jit

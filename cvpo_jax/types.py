@@ -59,13 +59,18 @@ class EStepDuals:
 
     log_eta [] (temperature), log_lambda [M] (one multiplier per constraint),
     log_threshold_scale [M]: the realised-cost feedback on the E-step threshold
-    (0 unless `cost_feedback_gain` > 0; see `constraint.feedback_threshold_scale`).
+    (0 unless `cost_feedback_gain` > 0; see `constraint.feedback_threshold_scale`);
+    realised_cost [M] and realised_episodes []: the running mean of the finished
+    training episodes' costs and how many it has seen (used by
+    `constraint_form="advantage"`; see `constraint.realised_cost_update`).
     """
 
     log_eta: chex.Array
     log_lambda: chex.Array
     opt_state: optax.OptState
     log_threshold_scale: chex.Array
+    realised_cost: chex.Array
+    realised_episodes: chex.Array
 
 
 @flax.struct.dataclass

@@ -1,10 +1,19 @@
-"""Realised-cost feedback on the E-step threshold, against a hand computation."""
+"""Realised-cost feedback on the E-step threshold and the advantage form's budget,
+against hand computations."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cvpo_jax.config import CVPOConfig
-from cvpo_jax.constraint import feedback_threshold_scale
+from cvpo_jax.constraint import (
+    advantage_threshold,
+    feedback_threshold_scale,
+    realised_cost_update,
+)
+from cvpo_jax.learner import make_learner
+from cvpo_jax.types import Transition
 
 
 def test_feedback_moves_against_the_cost_error():
@@ -57,3 +66,73 @@ def test_bad_constraint_knobs_fail_naming_the_field(kwargs):
     (name,) = kwargs
     with pytest.raises(ValueError, match=f"CVPOConfig.{name}="):
         CVPOConfig(**kwargs)
+
+
+def test_realised_cost_is_the_plain_mean_then_an_exponential_average():
+    cfg = CVPOConfig(cost_limit=(25.0, 5.0), realised_cost_episodes=2)
+    costs = np.array([[10.0, 1.0], [30.0, 3.0], [50.0, 0.0]])
+    mean, count = realised_cost_update(np.zeros(2), 0.0, costs[:1], cfg)
+    np.testing.assert_allclose(mean, [10.0, 1.0])  # the first episode sets it
+    mean, count = realised_cost_update(mean, count, costs[1:], cfg)
+    # Second: rate 1/2 -> (20, 2); third: rate max(1/3, 1/2) = 1/2 -> (35, 1).
+    np.testing.assert_allclose(mean, [35.0, 1.0], rtol=1e-6)
+    assert count == 3.0
+    same, same_count = realised_cost_update(mean, count, np.zeros((0, 2)), cfg)
+    np.testing.assert_allclose(same, mean)
+    assert same_count == 3.0
+
+
+def test_advantage_threshold_is_the_policy_mean_plus_the_realised_budget():
+    cfg = CVPOConfig(cost_limit=(25.0, 10.0), gamma=0.99, episode_length=1000)
+    q_c = np.random.default_rng(0).uniform(0.0, 5.0, (6, 4, 2)).astype(np.float32)
+    realised = np.array([40.0, 4.0], np.float32)
+    out = advantage_threshold(jnp.asarray(q_c), jnp.asarray(realised), jnp.asarray(3.0), cfg)
+    per_cost = (1 - 0.99**1000) / (0.01 * 1000)  # one unit of episodic cost, per step
+    expected = q_c.astype(np.float64).mean(axis=(0, 1)) + per_cost * (
+        np.array([25.0, 10.0]) - realised
+    )
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    before = advantage_threshold(jnp.asarray(q_c), jnp.asarray(realised), jnp.asarray(0.0), cfg)
+    np.testing.assert_allclose(before, q_c.mean(axis=(0, 1)), rtol=1e-5)
+
+
+def test_update_step_uses_the_advantage_threshold():
+    """In the advantage form the E-step threshold is the logged E_pi[Q_c] plus the
+    budget from the realised cost; the level form ignores the realised cost."""
+    cfg = CVPOConfig(hidden_sizes=(8,), num_samples=4, dual_steps=2, cost_limit=(20.0,))
+    batch_size, obs_size = 16, 3
+    rng = np.random.default_rng(1)
+    batch = Transition(
+        obs=jnp.asarray(rng.normal(size=(batch_size, obs_size)), jnp.float32),
+        action=jnp.asarray(rng.uniform(-1, 1, (batch_size, 2)), jnp.float32),
+        reward=jnp.asarray(rng.normal(size=batch_size), jnp.float32),
+        cost=jnp.asarray(rng.uniform(0, 1, (batch_size, 1)), jnp.float32),
+        next_obs=jnp.asarray(rng.normal(size=(batch_size, obs_size)), jnp.float32),
+        terminated=jnp.zeros(batch_size, bool),
+        truncated=jnp.zeros(batch_size, bool),
+    )
+    per_cost = (1 - 0.99**1000) / (0.01 * 1000)
+    for form in ("advantage", "level"):
+        algo = cfg.replace(constraint_form=form)
+        learner = make_learner(algo, obs_size, (-1.0, -1.0), (1.0, 1.0))
+        state = learner.init(jax.random.PRNGKey(0))
+        duals = state.estep_duals.replace(
+            realised_cost=jnp.asarray([32.0]), realised_episodes=jnp.asarray(5.0)
+        )
+        _, metrics = jax.jit(learner.update)(state.replace(estep_duals=duals), batch)
+        if form == "advantage":
+            budget = per_cost * (20.0 - 32.0)
+            np.testing.assert_allclose(
+                metrics["qc_threshold"], metrics["qc_policy"] + budget, rtol=1e-5, atol=1e-6
+            )
+        else:
+            np.testing.assert_allclose(metrics["qc_threshold"], algo.qc_threshold, rtol=1e-6)
+
+
+def test_advantage_form_rejects_the_threshold_feedback_and_unknown_forms():
+    with pytest.raises(ValueError, match="cost_feedback_gain=0.01.*constraint_form=advantage"):
+        CVPOConfig(constraint_form="advantage", cost_feedback_gain=0.01)
+    with pytest.raises(ValueError, match="constraint_form='ratio'.*one of"):
+        CVPOConfig(constraint_form="ratio")
+    with pytest.raises(ValueError, match="realised_cost_episodes=0"):
+        CVPOConfig(realised_cost_episodes=0)

@@ -228,3 +228,15 @@ def test_updates_stay_a_real_branch_when_seeds_are_vmapped(trainer):
     runners = jax.vmap(trainer.init)(jax.random.split(jax.random.PRNGKey(0), 2))
     jaxpr = str(jax.make_jaxpr(jax.vmap(trainer.run_chunk))(runners))
     assert "cond[" in jaxpr
+
+
+@pytest.mark.parametrize(
+    "algo, match",
+    [
+        (ALGO.replace(cost_feedback_gain=0.01), "cost_feedback_gain=0.01.*host loop only"),
+        (ALGO.replace(constraint_form="advantage"), "constraint_form='advantage'.*host loop"),
+    ],
+)
+def test_host_only_constraint_options_fail_early_on_device(algo, match):
+    with pytest.raises(ValueError, match=match):
+        make_device_trainer(CFG, algo, ScriptedJaxEnv())

@@ -186,6 +186,39 @@ def test_n_step_and_constraint_knobs_train_end_to_end(tmp_path):
         assert all(r[key] != "" for r in rows if r["updates"] != "0"), key
 
 
+class _CostRecorder(ScriptedVectorEnv):
+    """The scripted env, keeping every finished episode's cost in order."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.finished_costs = []
+
+    def step(self, actions):
+        result = super().step(actions)
+        done, cost = result.episode[0], result.episode[2]
+        self.finished_costs.extend(np.asarray(cost)[np.flatnonzero(done)].tolist())
+        return result
+
+
+def test_advantage_form_tracks_the_realised_episode_cost(tmp_path):
+    """The state after training holds the running mean of every finished episode's
+    cost, fed in the order the episodes ended (checked against the env's own record)."""
+    from cvpo_jax.constraint import realised_cost_update
+
+    algo = ALGO.replace(constraint_form="advantage", realised_cost_episodes=5)
+    env = _CostRecorder(num_envs=CFG.num_envs)
+    result = train(CFG, algo, tmp_path / "adv", progress=False, env_factory=lambda _: env)
+    assert result.status == "completed"
+    _, state, _ = restore_state(result.run_dir)
+    costs = np.asarray(env.finished_costs).reshape(-1, 1)
+    assert len(costs) == CFG.total_steps // 10  # 10-step episodes
+    expected, count = realised_cost_update(np.zeros(1), 0.0, costs, algo)
+    assert float(state.estep_duals.realised_episodes) == count
+    np.testing.assert_allclose(state.estep_duals.realised_cost, expected, rtol=1e-5)
+    rows = read_csv(result.run_dir / "metrics.csv")
+    assert all(r["qc_threshold"] != "" for r in rows if r["updates"] != "0")
+
+
 def test_critic_pretraining_moves_only_the_critics(tmp_path):
     cfg = dataclasses.replace(CFG, total_steps=150, critic_pretrain_updates=40)
     algo = ALGO
