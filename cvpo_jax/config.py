@@ -100,6 +100,13 @@ class CVPOConfig:
     # first-order constraint of CPO, J_c(pi) + A_c <= d). Host loop only.
     constraint_form: str = "level"
     realised_cost_episodes: int = 20
+    # Recovery from an infeasible E-step: when the threshold lies below what the KL
+    # ball can reach, the E-step is asked instead for this fraction of the largest
+    # reachable decrease of E[Q_c] from pi_old (threshold raised to
+    # E_pi_old[Q_c] - f * (E_pi_old[Q_c] - qc_reachable)), so lambda settles where
+    # reward still counts. 0 disables it: the threshold stays, lambda runs to its
+    # ceiling and the E-step is pure cost descent.
+    estep_recovery: float = 0.0
 
     # M-step.
     mstep_steps: int = 1
@@ -182,6 +189,12 @@ class CVPOConfig:
             "cost_feedback_bounds",
             fb,
             "a pair (low, high) with 0 < low <= 1 <= high",
+        )
+        _check(
+            _is_number(self.estep_recovery) and 0.0 <= self.estep_recovery <= 1.0,
+            "estep_recovery",
+            self.estep_recovery,
+            "a number in [0, 1] (0 disables it)",
         )
         _check(
             self.constraint_form in CONSTRAINT_FORMS,

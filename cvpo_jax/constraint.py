@@ -30,10 +30,12 @@ move the constraint.
 from __future__ import annotations
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cvpo_jax.config import CVPOConfig, episodic_to_q_threshold
+from cvpo_jax.estep import REACHABLE_STATES, min_reachable_cost
 
 ERROR_CAP = 10.0
 
@@ -105,3 +107,22 @@ def advantage_threshold(
     budget = jnp.asarray(cfg.qc_threshold, q_c.dtype) - to_q * realised_cost
     budget = jnp.where(realised_episodes > 0, budget, 0.0)
     return jnp.mean(q_c, axis=(0, 1)) + budget
+
+
+def recovery_threshold(q_c: chex.Array, qc_threshold: chex.Array, cfg: CVPOConfig) -> chex.Array:
+    """The threshold [M] raised, where the KL ball cannot reach it, to ask for a fraction
+    `cfg.estep_recovery` of the largest reachable decrease of E[Q_c] from pi_old.
+
+    The decrease is measured on the batch's first REACHABLE_STATES states (a random
+    subset: the batch is in random order) with `estep.min_reachable_cost` and applied to
+    the whole batch's mean. A reachable threshold is left as it is.
+
+    Args:
+      q_c: [B, K, M] cost values of the K samples from pi_old at B states.
+      qc_threshold: [M] the threshold the E-step would use.
+    """
+    chex.assert_rank(q_c, 3)
+    subset = jax.lax.stop_gradient(q_c[:REACHABLE_STATES])
+    largest_decrease = jnp.mean(subset, axis=(0, 1)) - min_reachable_cost(subset, cfg.estep_kl_eps)
+    floor = jnp.mean(q_c, axis=(0, 1)) - cfg.estep_recovery * largest_decrease
+    return jnp.maximum(qc_threshold, floor)

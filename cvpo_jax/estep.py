@@ -156,32 +156,47 @@ def solve_dual(
 REACHABLE_STATES = 64  # states of the batch on which `qc_reachable` is estimated
 
 
-def min_reachable_cost(q_c: chex.Array, eps: float, num_temperatures: int = 25) -> chex.Array:
+def min_reachable_cost(q_c: chex.Array, eps: float, iterations: int = 40) -> chex.Array:
     """The lowest E_q[Q_c] the E-step can reach inside its KL ball, per constraint [M].
 
     The minimiser of E_q[Q_c] subject to mean_s KL(q || pi_old) <= eps is the tilt
     q ∝ pi_old exp(-Q_c / t) at the smallest temperature t that keeps the KL within
-    eps. This scans a fixed log-spaced grid of t (relative to the spread of Q_c,
-    plus t = inf: pi_old itself) and returns the best feasible value, so it is an
-    upper bound on the true minimum that is tight to the grid. If it is above the
-    threshold the constraint is infeasible for this batch whatever lambda is.
+    eps (one t for all states: the Lagrangian of the mean-KL constraint). The KL falls
+    monotonically with t, so t is found by bisection on log t over [1e-3, 1e3] times
+    the spread of Q_c; the value returned is feasible (the upper end of the final
+    bracket) and, if it is above the threshold, the constraint is infeasible for this
+    batch whatever lambda is.
 
     Args:
       q_c: [B, K, M] cost values of K samples from pi_old at B states.
       eps: the E-step KL bound.
+      iterations: bisection steps (40 resolve t to ~1e-11 relative).
     """
     chex.assert_rank(q_c, 3)
     num_samples = q_c.shape[1]
     spread = jnp.maximum(jnp.std(q_c, axis=(0, 1)), 1e-6)  # [M]
-    temps = spread[None, :] * jnp.logspace(-3.0, 3.0, num_temperatures)[:, None]  # [G, M]
-    logits = -q_c[None] / temps[:, None, None, :]  # [G, B, K, M]
-    w = jax.nn.softmax(logits, axis=2)
-    log_w = jax.nn.log_softmax(logits, axis=2)
-    kl = jnp.mean(jnp.sum(w * (log_w + jnp.log(num_samples)), axis=2), axis=1)  # [G, M]
-    expected = jnp.mean(jnp.sum(w * q_c[None], axis=2), axis=1)  # [G, M]
-    uniform = jnp.mean(q_c, axis=(0, 1))  # [M], t = inf
-    feasible_best = jnp.min(jnp.where(kl <= eps, expected, jnp.inf), axis=0)
-    return jnp.minimum(feasible_best, uniform)
+
+    def tilt(log_t):  # [M] -> (KL [M], E_q[Q_c] [M])
+        logits = -q_c / jnp.exp(log_t)
+        w = jax.nn.softmax(logits, axis=1)
+        log_w = jax.nn.log_softmax(logits, axis=1)
+        kl = jnp.mean(jnp.sum(w * (log_w + jnp.log(num_samples)), axis=1), axis=0)
+        return kl, jnp.mean(jnp.sum(w * q_c, axis=1), axis=0)
+
+    def bisect(_, bracket):
+        lo, hi = bracket  # KL(lo) > eps >= KL(hi)
+        mid = 0.5 * (lo + hi)
+        too_far = tilt(mid)[0] > eps
+        return jnp.where(too_far, mid, lo), jnp.where(too_far, hi, mid)
+
+    log_spread = jnp.log(spread)
+    lo, hi = log_spread + jnp.log(1e-3), log_spread + jnp.log(1e3)
+    lo, hi = jax.lax.fori_loop(0, iterations, bisect, (lo, hi))
+    kl_lo, expected_lo = tilt(lo)
+    _, expected_hi = tilt(hi)
+    # The lower end is only kept when even the sharpest tilt tried is within eps.
+    best = jnp.where(kl_lo <= eps, expected_lo, expected_hi)
+    return jnp.minimum(best, jnp.mean(q_c, axis=(0, 1)))
 
 
 def weight_diagnostics(weights: chex.Array, q_c: chex.Array, qc_threshold: chex.Array) -> dict:

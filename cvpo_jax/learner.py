@@ -153,6 +153,8 @@ def update_step(
         qc_threshold = jnp.asarray(cfg.qc_threshold, jnp.float32) * jnp.exp(
             duals.log_threshold_scale
         )
+    if cfg.estep_recovery > 0:
+        qc_threshold = constraint_lib.recovery_threshold(q_c, qc_threshold, cfg)
     estep_duals, weights, estep_info = estep_lib.estep(duals, q_r, q_c, qc_threshold, cfg)
 
     # 3. M-step: fit pi_theta to the weighted samples inside the KL trust region.

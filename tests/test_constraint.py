@@ -11,6 +11,7 @@ from cvpo_jax.constraint import (
     advantage_threshold,
     feedback_threshold_scale,
     realised_cost_update,
+    recovery_threshold,
 )
 from cvpo_jax.learner import make_learner
 from cvpo_jax.types import Transition
@@ -136,3 +137,33 @@ def test_advantage_form_rejects_the_threshold_feedback_and_unknown_forms():
         CVPOConfig(constraint_form="ratio")
     with pytest.raises(ValueError, match="realised_cost_episodes=0"):
         CVPOConfig(realised_cost_episodes=0)
+
+
+def test_recovery_asks_for_a_fraction_of_the_reachable_decrease():
+    """An unreachable threshold is raised to mean - f * (mean - reachable), with the
+    reachable value from an independent solver (SciPy, in test_estep); a reachable one
+    is left alone; with f = 0.5 the E-step is feasible and lambda stays off its bounds."""
+    from test_estep import EPS, binding_problem, scipy_min_cost
+
+    from cvpo_jax import estep as E
+
+    with jax.enable_x64(True):
+        q_r, q_c, _ = binding_problem(0, 1, b=6, k=8)
+        cfg = CVPOConfig(cost_limit=(1.0,), estep_kl_eps=EPS, estep_recovery=0.5, dual_steps=2000)
+        reach, _ = scipy_min_cost(q_c[..., 0], EPS)
+        mean = q_c.mean()
+        impossible = jnp.asarray([q_c.min() - 1.0])
+        raised = recovery_threshold(jnp.asarray(q_c), impossible, cfg)
+        np.testing.assert_allclose(
+            float(raised[0]), mean - 0.5 * (mean - reach), atol=1e-3 * (mean - reach)
+        )
+        easy = jnp.asarray([mean])
+        np.testing.assert_allclose(recovery_threshold(jnp.asarray(q_c), easy, cfg), easy)
+
+        duals = E.init_estep_duals(cfg, dtype=jnp.float64)
+        _, weights, info = E.estep(duals, jnp.asarray(q_r), jnp.asarray(q_c), raised, cfg)
+        assert float(info["estep_feasible"][0]) == 1.0
+        assert float(info["lambda_at_upper"][0]) == 0.0
+        assert float(info["lambda_at_lower"][0]) == 0.0
+        # The constraint binds at the raised threshold.
+        np.testing.assert_allclose(float(info["qc_weighted"][0]), float(raised[0]), rtol=1e-3)

@@ -347,10 +347,10 @@ def test_min_reachable_cost_matches_a_generic_solver(x64, seed):
     ref, ref_kl = scipy_min_cost(q_c, EPS)
     assert ref_kl <= EPS + 1e-6
     got = float(E.min_reachable_cost(jnp.asarray(q_c)[..., None], EPS)[0])
-    # The grid's value is feasible, so it cannot beat the true minimum; and the grid is
-    # fine enough to come close to it.
+    # The bisection's value is feasible, so it cannot beat the true minimum, and it
+    # attains it up to the solver's tolerance.
     assert got >= ref - 1e-6
-    assert got <= ref + 0.02 * (q_c.mean() - ref)
+    assert got <= ref + 1e-3 * (q_c.mean() - ref)
 
 
 def test_estep_reports_feasibility_and_lambda_at_bounds(x64):
