@@ -48,7 +48,9 @@ class RunSpec:
     @property
     def on_device(self) -> bool:
         """The run trained in the on-device loop (a JAX env not moved to the host)."""
-        return self.env_id.startswith("brax/") and self.loop != "host"
+        from cvpo_jax.envs.registry import is_jax_env
+
+        return is_jax_env(self.env_id) and self.loop != "host"
 
     @classmethod
     def for_env(cls, train: TrainConfig, algo: CVPOConfig, env: Any) -> RunSpec:

@@ -276,7 +276,7 @@ def evaluate_policy(
       ValueError: a bad argument, or an env whose spaces do not fit the policy.
       RenderError: rendering failed (with a hint about MUJOCO_GL).
     """
-    from cvpo_jax.envs.registry import resolve_env_id
+    from cvpo_jax.envs.registry import is_jax_env, resolve_env_id
 
     if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
         raise ValueError(f"episodes={episodes!r} must be an integer >= 1.")
@@ -288,7 +288,7 @@ def evaluate_policy(
         raise ValueError(f"video_episodes={video_episodes!r} must be an integer >= 0.")
     recording = video_path is not None and video_episodes > 0
     env_id = resolve_env_id(env_id)
-    if env_id.startswith("brax/"):
+    if is_jax_env(env_id):
         raise ValueError(
             f"{env_id} is a JAX task: this evaluation rolls out Safety-Gymnasium tasks and "
             "your own envs. Roll the policy out with the env's reset/step as in "

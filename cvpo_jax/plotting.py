@@ -247,7 +247,9 @@ def _env_label(run: RunCurves) -> str:
     """The env id, with the loop for JAX tasks (which can train in either)."""
     if run.loop == "device":
         return f"{run.env_id} on device"
-    return f"{run.env_id} (host loop)" if run.env_id.startswith("brax/") else run.env_id
+    from cvpo_jax.envs.registry import is_jax_env
+
+    return f"{run.env_id} (host loop)" if is_jax_env(run.env_id) else run.env_id
 
 
 def _group_label(group: Sequence[RunCurves], band: str, several_groups: bool) -> str:

@@ -54,7 +54,7 @@ def _resumed(cfg: DictConfig, given: list[str]) -> DictConfig:
 
 def _main(cfg: DictConfig, given: list[str]) -> int:
     from cvpo_jax.checkpoint import CheckpointError
-    from cvpo_jax.envs.registry import resolve_env_id
+    from cvpo_jax.envs.registry import is_jax_env, resolve_env_id
     from cvpo_jax.train_loop import TrainingDiverged, make_env, prepare_run_dir, train
 
     # Everything that can be wrong with the command line fails here, before any work.
@@ -68,18 +68,20 @@ def _main(cfg: DictConfig, given: list[str]) -> int:
     num_seeds = cfg.num_seeds
     if not isinstance(num_seeds, int) or isinstance(num_seeds, bool) or num_seeds < 1:
         raise UsageError(f"num_seeds={num_seeds!r} must be an integer >= 1.")
-    jax_env = env_id.startswith("brax/")
+    jax_env = is_jax_env(env_id)
     if cfg.loop not in LOOPS:
         raise UsageError(f"loop={cfg.loop!r}; allowed: {', '.join(LOOPS)}.")
     if not jax_env and (num_seeds != 1 or cfg.backend is not None or cfg.loop != "auto"):
         raise UsageError(
-            "num_seeds, backend and loop apply to JAX environments (env=brax/...); "
+            "num_seeds, backend and loop apply to JAX environments (env=brax/... or mjx/...); "
             f"{env_id} runs on the host, one seed per run."
         )
     on_device = jax_env and cfg.loop != "host"
     if jax_env and not on_device and num_seeds != 1:
         raise UsageError(f"num_seeds={num_seeds}: loop=host trains one seed per run.")
-    if jax_env:
+    if jax_env and env_id.startswith("mjx/") and cfg.backend not in (None, "mjx"):
+        raise UsageError(f"backend={cfg.backend!r}: {env_id} runs on MJX only; allowed: mjx.")
+    if jax_env and env_id.startswith("brax/"):
         from cvpo_jax.envs.brax_velocity import BACKEND_CHOICES
 
         if cfg.backend is not None and cfg.backend not in BACKEND_CHOICES:
@@ -124,19 +126,19 @@ def _jax_host_env_factory(env_id: str, backend: str | None):
     """loop=host: the JAX env, vmapped over num_envs and stepped from the host loop."""
 
     def factory(train_cfg):
-        from cvpo_jax.envs.brax_velocity import make_brax_velocity_env
         from cvpo_jax.envs.jax_host import JaxHostVectorEnv
+        from cvpo_jax.envs.registry import make_jax_env
 
-        return JaxHostVectorEnv(make_brax_velocity_env(env_id, backend=backend), train_cfg.num_envs)
+        return JaxHostVectorEnv(make_jax_env(env_id, backend=backend), train_cfg.num_envs)
 
     return factory
 
 
 def _train_on_device(cfg, train_cfg, algo, env_id, run_dir):
     from cvpo_jax.device_train import train_on_device
-    from cvpo_jax.envs.brax_velocity import make_brax_velocity_env
+    from cvpo_jax.envs.registry import make_jax_env
 
-    env = make_brax_velocity_env(env_id, backend=cfg.backend)
+    env = make_jax_env(env_id, backend=cfg.backend)
     if cfg.algo.episode_length is None:
         algo = algo.replace(episode_length=int(env.episode_length))
     return train_on_device(

@@ -3,8 +3,10 @@
 ``env=CarGoal1`` means ``SafetyCarGoal1-v0``; the full id works too, and both
 match case-insensitively. Names of the form ``<backend>/<name>`` are routed to
 another backend (``brax/HalfCheetahVelocity``: the JAX-native velocity tasks of
-``cvpo_jax.envs.brax_velocity``); a name without a prefix belongs to Safety-Gymnasium,
-and ``package.module:factory`` names your own environment (``cvpo_jax.envs.custom``).
+``cvpo_jax.envs.brax_velocity``; ``mjx/PointGoal1``: Safety-Gymnasium's navigation
+tasks ported to MJX, ``cvpo_jax.envs.nav_env``); a name without a prefix belongs to
+Safety-Gymnasium, and ``package.module:factory`` names your own environment
+(``cvpo_jax.envs.custom``).
 
 The Safety-Gymnasium list is read from safety-gymnasium's own registry, kept to
 the tasks this project supports (and the compat layer was verified on):
@@ -25,6 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 SAFETY_GYM_BACKEND = "safety_gymnasium"
 BRAX_BACKEND = "brax"
+NAV_BACKEND = "mjx"
+JAX_BACKENDS = (BRAX_BACKEND, NAV_BACKEND)  # Pure-JAX envs: the on-device loop takes them.
 
 _NAVIGATION_ID = re.compile(
     r"^Safety(?P<short>(?:Point|Car|Racecar|Doggo|Ant)(?:Goal|Button|Push|Circle)[0-2])-v(?P<v>\d+)$"
@@ -107,9 +111,46 @@ def _resolve_brax(name: str) -> str:
     return resolve_brax_name(name)
 
 
+def _resolve_nav(name: str) -> str:
+    from cvpo_jax.envs.nav_task import resolve_nav_name
+
+    return resolve_nav_name(name)
+
+
 # Backend prefix -> resolver of the name after "<prefix>/". The empty prefix is
 # the default backend.
-BACKENDS: dict[str, Callable[[str], str]] = {"": _resolve_safety_gym, BRAX_BACKEND: _resolve_brax}
+BACKENDS: dict[str, Callable[[str], str]] = {
+    "": _resolve_safety_gym,
+    BRAX_BACKEND: _resolve_brax,
+    NAV_BACKEND: _resolve_nav,
+}
+
+
+def is_jax_env(env_id: str) -> bool:
+    """The id names a pure-JAX env (``brax/...``, ``mjx/...``)."""
+    return split_backend(env_id)[0] in JAX_BACKENDS
+
+
+def make_jax_env(env_id: str, backend: str | None = None, episode_length: int | None = None):
+    """The JAX env of a ``brax/...`` or ``mjx/...`` id.
+
+    ``backend`` is brax's physics backend for ``brax/`` tasks; the ``mjx/`` tasks run
+    on MJX only (None or "mjx").
+    """
+    prefix, name = split_backend(env_id)
+    if prefix == BRAX_BACKEND:
+        from cvpo_jax.envs.brax_velocity import make_brax_velocity_env
+
+        return make_brax_velocity_env(env_id, backend=backend, episode_length=episode_length)
+    if prefix == NAV_BACKEND:
+        if backend not in (None, "mjx"):
+            raise ValueError(
+                f"backend={backend!r}: {env_id} runs on MJX only (backend=null or mjx)"
+            )
+        from cvpo_jax.envs.nav_env import SafeNavEnv
+
+        return SafeNavEnv.from_name(name, episode_length)
+    raise ValueError(f"{env_id!r} is not a JAX env; JAX env prefixes: {', '.join(JAX_BACKENDS)}")
 
 
 def split_backend(name: str) -> tuple[str, str]:
@@ -151,10 +192,14 @@ def resolve_env_id(name: str) -> str:
 def _listing_backend_names(backend: str, caller: str) -> Mapping[str, str]:
     if backend == BRAX_BACKEND:
         return {f"{BRAX_BACKEND}/{k}": f"{BRAX_BACKEND}/{v}" for k, v in _brax_names().items()}
+    if backend == NAV_BACKEND:
+        from cvpo_jax.envs.nav_task import TASK_NAMES
+
+        return {f"{NAV_BACKEND}/{n}": f"{NAV_BACKEND}/{n}" for n in TASK_NAMES}
     if backend not in ("", SAFETY_GYM_BACKEND):
         raise ValueError(
-            f"{caller}: unknown backend {backend!r}; allowed: '', {SAFETY_GYM_BACKEND!r} or "
-            f"{BRAX_BACKEND!r}"
+            f"{caller}: unknown backend {backend!r}; allowed: '', {SAFETY_GYM_BACKEND!r}, "
+            f"{BRAX_BACKEND!r} or {NAV_BACKEND!r}"
         )
     return safety_gym_names()
 
@@ -162,7 +207,7 @@ def _listing_backend_names(backend: str, caller: str) -> Mapping[str, str]:
 def list_env_names(backend: str = "") -> list[str]:
     """Short names accepted by ``backend`` (default: Safety-Gymnasium), sorted."""
     names = _listing_backend_names(backend, "list_env_names")
-    if backend == BRAX_BACKEND:
+    if backend in JAX_BACKENDS:
         return sorted(names)
     return sorted(k for k, v in names.items() if k != v)
 
@@ -170,6 +215,6 @@ def list_env_names(backend: str = "") -> list[str]:
 def list_env_ids(backend: str = "") -> list[str]:
     """Full ids accepted by ``backend`` (default: Safety-Gymnasium), sorted."""
     names = _listing_backend_names(backend, "list_env_ids")
-    if backend == BRAX_BACKEND:
+    if backend in JAX_BACKENDS:
         return sorted(names.values())
     return sorted(k for k, v in names.items() if k == v)

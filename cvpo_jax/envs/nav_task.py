@@ -1,0 +1,211 @@
+"""Safety-Gymnasium's navigation tasks, read from the installed package for the JAX port.
+
+Everything that defines a task (object counts, sizes, keepouts, placement extents,
+reward and cost parameters, the lidar, the robot's sensors and their order, frame
+skip, episode length, the robot's MJCF and the world around it) is read here from a
+live Safety-Gymnasium env, not retyped, so the JAX task (`nav_env.py`) follows the
+installed version. The definitions mirrored (safety-gymnasium 1.0.0):
+
+- layout: `utils/random_generator.py` (`sample_layout`, `draw_placement`): objects in
+  placement order, each drawn uniformly from the extents shrunk by its keepout, valid
+  when its distance to every placed object is >= the sum of the two keepouts;
+- lidar: `bases/base_task.py` `_obs_lidar_pseudo`, `_ego_xy` (linear in distance when
+  `max_dist` is set, aliasing into the two neighbouring bins, max over objects);
+- reward: `tasks/safe_navigation/goal/goal_level0.py` `calculate_reward` (distance
+  progress times `reward_distance`, plus `reward_goal` within `goal.size`), the goal
+  re-placed against the current layout on arrival (`base_task.py` `build_goal_position`);
+- cost: `assets/geoms/hazards.py` (distance < size), `assets/free_geoms/vases.py`
+  (contact, velocity >= threshold), each source as a 0/1 indicator and the step's cost
+  1 if any source is active (`builder.py` `_cost`, `constrain_indicator`);
+- physics: the robot XML's timestep, `frameskip_binom_n` substeps per env step
+  (`frameskip_binom_p` = 1: always all of them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+
+import mujoco
+import numpy as np
+
+PREFIX = "mjx"
+ROBOTS = ("Point",)
+TASKS = ("Goal",)
+LEVELS = (0, 1, 2)
+TASK_NAMES = tuple(f"{r}{t}{lv}" for r in ROBOTS for t in TASKS for lv in LEVELS)
+# Not yet ported (named here so that a request gets a precise error).
+PLANNED = ("CarGoal0", "CarGoal1", "CarGoal2") + tuple(
+    f"{r}Button{lv}" for r in ("Point", "Car") for lv in LEVELS
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class NavTaskSpec:
+    """A Safety-Gymnasium navigation task's definition (see module docstring).
+
+    Positions are in the world's xy plane; `keepout_*` are placement radii.
+    `placement_order` names the layout's entries in sampling order ("agent",
+    "goal", "hazard0", ..., "vase0", ...); `obs_parts` the observation's parts in
+    order with their sizes; `sensors` the robot sensors (MuJoCo sensor names).
+    """
+
+    name: str
+    safety_gym_id: str
+    robot: str
+    extents: tuple[float, float, float, float]
+    keepout_agent: float
+    goal_size: float
+    keepout_goal: float
+    reward_distance: float
+    reward_goal: float
+    num_hazards: int
+    hazard_size: float
+    keepout_hazard: float
+    hazards_constrained: bool
+    num_vases: int
+    keepout_vase: float
+    vase_size: float
+    vase_sink: float
+    vases_constrained: bool
+    vase_contact_cost: bool
+    vase_velocity_cost: bool
+    vase_velocity_threshold: float
+    lidar_bins: int
+    lidar_max_dist: float | None
+    lidar_exp_gain: float
+    lidar_alias: bool
+    lidar_groups: tuple[str, ...]
+    sensors: tuple[str, ...]
+    obs_parts: tuple[tuple[str, int], ...]
+    frame_skip: int
+    episode_length: int
+    xml: str
+
+    @property
+    def observation_size(self) -> int:
+        return int(sum(size for _, size in self.obs_parts))
+
+    @property
+    def env_id(self) -> str:
+        return f"{PREFIX}/{self.name}"
+
+
+def resolve_nav_name(name: str) -> str:
+    """The canonical task name for `name` ("PointGoal1", "pointgoal1",
+    "SafetyPointGoal1-v0" all give "PointGoal1"), with close matches on error."""
+    key = re.sub(r"^safety", "", name.strip().lower())
+    key = re.sub(r"-v\d+$", "", key)
+    by_key = {n.lower(): n for n in TASK_NAMES}
+    if key in by_key:
+        return by_key[key]
+    planned = {n.lower(): n for n in PLANNED}
+    if key in planned:
+        raise ValueError(
+            f"{PREFIX}/{planned[key]} is not ported to JAX yet; available: "
+            f"{', '.join(PREFIX + '/' + n for n in TASK_NAMES)} (or {planned[key]} without "
+            f"the prefix: Safety-Gymnasium on the host)."
+        )
+    close = difflib.get_close_matches(key, list(by_key) + list(planned), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(PREFIX + '/' + (by_key | planned)[c] for c in close)}?"
+    raise ValueError(
+        f"unknown JAX navigation task {name!r}.{hint if close else ''} Available: "
+        f"{', '.join(PREFIX + '/' + n for n in TASK_NAMES)}."
+    )
+
+
+def make_safety_gym_env(name: str):
+    """The Safety-Gymnasium env of a navigation task (reset once, so its task exists)."""
+    from cvpo_jax.envs.safety_gymnasium_compat import import_safety_gymnasium
+
+    sg = import_safety_gymnasium()
+    env = sg.make(f"Safety{name}-v0")
+    env.reset(seed=0)
+    return env
+
+
+def load_nav_task(name: str) -> NavTaskSpec:
+    """Reads task `name` ("PointGoal1") from the installed Safety-Gymnasium."""
+    name = resolve_nav_name(name)
+    env = make_safety_gym_env(name)
+    try:
+        return _spec_from_task(name, env.unwrapped.task)
+    finally:
+        env.close()
+
+
+def _spec_from_task(name: str, task) -> NavTaskSpec:
+    lidar = task.lidar_conf
+    if lidar.type != "pseudo":
+        raise NotImplementedError(f"{name}: lidar type {lidar.type!r} is not ported")
+    if task.sim_conf.frameskip_binom_p != 1.0:
+        raise NotImplementedError(f"{name}: a random frame skip is not ported")
+    obstacles = {ob.name: ob for ob in task._obstacles}  # noqa: SLF001 - the task's own list
+    unsupported = sorted(set(obstacles) - {"goal", "hazards", "vases"})
+    if unsupported:
+        raise NotImplementedError(f"{name}: objects {unsupported} are not ported")
+    hazards, vases, goal = obstacles.get("hazards"), obstacles.get("vases"), obstacles["goal"]
+    spaces = task.obs_info.obs_space_dict.spaces
+    obs_parts = tuple((key, int(np.prod(space.shape))) for key, space in spaces.items())
+    lidar_groups = tuple(k[: -len("_lidar")] for k, _ in obs_parts if k.endswith("_lidar"))
+    sensors = tuple(k for k, _ in obs_parts if not k.endswith("_lidar"))
+    placement_order = tuple(task.placements_conf.placements)
+    expected_order = ("agent", "goal") + tuple(
+        f"{prefix}{i}"
+        for prefix, ob in (("hazard", hazards), ("vase", vases))
+        if ob is not None
+        for i in range(ob.num)
+    )
+    if placement_order != expected_order:
+        raise NotImplementedError(f"{name}: placement order {placement_order} is not ported")
+    if any(region is not None for region, _ in task.placements_conf.placements.values()):
+        raise NotImplementedError(f"{name}: placement regions other than the extents")
+    return NavTaskSpec(
+        name=name,
+        safety_gym_id=f"Safety{name}-v0",
+        robot=type(task.agent).__name__,
+        extents=tuple(float(x) for x in task.placements_conf.extents),
+        keepout_agent=float(task.agent.keepout),
+        goal_size=float(goal.size),
+        keepout_goal=float(goal.keepout),
+        reward_distance=float(goal.reward_distance),
+        reward_goal=float(goal.reward_goal),
+        num_hazards=int(hazards.num) if hazards else 0,
+        hazard_size=float(hazards.size) if hazards else 0.0,
+        keepout_hazard=float(hazards.keepout) if hazards else 0.0,
+        hazards_constrained=bool(hazards.is_constrained) if hazards else False,
+        num_vases=int(vases.num) if vases else 0,
+        keepout_vase=float(vases.keepout) if vases else 0.0,
+        vase_size=float(vases.size) if vases else 0.0,
+        vase_sink=float(vases.sink) if vases else 0.0,
+        vases_constrained=bool(vases.is_constrained) if vases else False,
+        vase_contact_cost=bool(vases and vases.contact_cost),
+        vase_velocity_cost=bool(vases and vases.velocity_cost),
+        vase_velocity_threshold=float(vases.velocity_threshold) if vases else 0.0,
+        lidar_bins=int(lidar.num_bins),
+        lidar_max_dist=None if lidar.max_dist is None else float(lidar.max_dist),
+        lidar_exp_gain=float(lidar.exp_gain),
+        lidar_alias=bool(lidar.alias),
+        lidar_groups=lidar_groups,
+        sensors=sensors,
+        obs_parts=obs_parts,
+        frame_skip=int(task.sim_conf.frameskip_binom_n),
+        episode_length=int(task.num_steps),
+        xml=task.world.xml_string,
+    )
+
+
+def normalised_model(spec: NavTaskSpec) -> mujoco.MjModel:
+    """The task's MjModel with the robot's body at the origin (identity orientation),
+    so that one model serves every layout: the robot's pose lives in qpos.
+
+    Safety-Gymnasium compiles a new model per reset with the robot body placed and
+    rotated there and its joints at 0. For the Point (slide x, slide y, hinge z, all
+    isotropic) a body at the origin with qpos = (x, y, yaw) is the same system.
+    """
+    model = mujoco.MjModel.from_xml_string(spec.xml)
+    agent = model.body("agent").id
+    model.body_pos[agent] = [0.0, 0.0, model.body_pos[agent][2]]
+    model.body_quat[agent] = [1.0, 0.0, 0.0, 0.0]
+    return model

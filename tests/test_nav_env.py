@@ -1,0 +1,114 @@
+"""The JAX navigation tasks' pieces: lidar against Safety-Gymnasium's formula, layouts
+against their keepouts, the env under vmap and auto-reset, names and errors."""
+
+import cmath
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvpo_jax.envs import nav_geometry as geo
+from cvpo_jax.envs.nav_env import SafeNavEnv
+from cvpo_jax.envs.nav_task import load_nav_task, resolve_nav_name
+from cvpo_jax.envs.registry import is_jax_env, list_env_ids, make_jax_env, resolve_env_id
+
+
+def reference_lidar(points, num_bins=16, max_dist=3.0, alias=True):
+    """Safety-Gymnasium's `_obs_lidar_pseudo` on ego-frame points, as written there."""
+    obs = np.zeros(num_bins)
+    for x, y in points:
+        z = complex(x, y)
+        dist = abs(z)
+        angle = cmath.phase(z) % (2 * np.pi)
+        bin_size = (2 * np.pi) / num_bins
+        b = int(angle / bin_size)
+        bin_angle = bin_size * b
+        sensor = max(0, max_dist - dist) / max_dist
+        obs[b] = max(obs[b], sensor)
+        if alias:
+            frac = (angle - bin_angle) / bin_size
+            obs[(b + 1) % num_bins] = max(obs[(b + 1) % num_bins], frac * sensor)
+            obs[(b - 1) % num_bins] = max(obs[(b - 1) % num_bins], (1 - frac) * sensor)
+    return obs
+
+
+@pytest.mark.parametrize("alias", [True, False])
+def test_lidar_matches_safety_gymnasiums_formula(alias):
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 8):
+        points = rng.uniform(-3.5, 3.5, (n, 2))
+        got = geo.pseudo_lidar(jnp.asarray(points, jnp.float32), 16, 3.0, 1.0, alias)
+        np.testing.assert_allclose(got, reference_lidar(points, alias=alias), atol=1e-5)
+
+
+def test_ego_frame_rotates_into_the_robot_heading():
+    yaw = 0.7
+    mat = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
+    pos = np.array([0.5, -0.2, 0.1])
+    ahead = pos[:2] + 2.0 * np.array([np.cos(yaw), np.sin(yaw)])
+    left = pos[:2] + 1.0 * np.array([-np.sin(yaw), np.cos(yaw)])
+    ego = geo.ego_xy(jnp.asarray([ahead, left]), jnp.asarray(pos), jnp.asarray(mat))
+    np.testing.assert_allclose(ego, [[2.0, 0.0], [0.0, 1.0]], atol=1e-6)
+
+
+def test_layouts_respect_keepouts_and_extents():
+    extents, keepouts = (-1.5, -1.5, 1.5, 1.5), (0.4, 0.305) + (0.18,) * 8 + (0.15,)
+    layouts, oks = jax.vmap(lambda k: geo.sample_layout(k, extents, keepouts))(
+        jax.random.split(jax.random.PRNGKey(0), 64)
+    )
+    assert bool(jnp.all(oks))
+    ko = np.asarray(keepouts)
+    for xy in np.asarray(layouts):
+        dist = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
+        need = ko[:, None] + ko[None, :]
+        off_diagonal = ~np.eye(len(ko), dtype=bool)
+        assert np.all(dist[off_diagonal] >= need[off_diagonal] - 1e-6)
+        assert np.all(np.abs(xy) <= 1.5 - ko[:, None] + 1e-6)
+    # Different keys, different layouts.
+    assert np.unique(np.asarray(layouts)[:, 0, 0]).size == 64
+
+
+def test_a_crowded_layout_reports_failure():
+    _, ok = geo.sample_layout(jax.random.PRNGKey(0), (-0.5, -0.5, 0.5, 0.5), (0.4,) * 6)
+    assert not bool(ok)
+
+
+@pytest.fixture(scope="module")
+def goal0():
+    return SafeNavEnv(load_nav_task("PointGoal0"), episode_length=3)
+
+
+def test_env_resets_and_steps_under_vmap_and_auto_resets(goal0):
+    env = goal0
+    assert env.observation_size == 28 and env.action_size == 2  # Safety-Gymnasium's sizes
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    state = jax.jit(jax.vmap(env.reset))(keys)
+    assert state.obs.shape == (4, 28) and bool(jnp.all(state.layout_ok))
+    step = jax.jit(jax.vmap(env.step_autoreset))
+    actions = jnp.ones((4, 2)) * jnp.asarray([1.0, 0.0])
+    for t in range(3):
+        before = state
+        state = step(state, actions, jax.random.split(jax.random.PRNGKey(10 + t), 4))
+    assert np.all(np.asarray(state.truncated) == 1.0)  # the third step hits the time limit
+    assert np.all(np.asarray(state.steps) == 0)  # ... and a new episode began
+    assert np.all(np.asarray(state.final_length) == 3)
+    assert not np.allclose(state.obs, state.next_obs)  # next_obs: the ended episode's last
+    np.testing.assert_allclose(state.final_return, before.episode_return + state.reward, rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(state.next_obs)))
+    # Goal0 has no constrained objects: the cost is 0.
+    assert np.all(np.asarray(state.final_cost) == 0.0)
+
+
+def test_names_prefix_and_errors():
+    assert resolve_nav_name("safetypointgoal2-v0") == "PointGoal2"
+    assert resolve_env_id("mjx/pointgoal1") == "mjx/PointGoal1"
+    assert is_jax_env("mjx/PointGoal1") and is_jax_env("brax/AntVelocity")
+    assert not is_jax_env("SafetyPointGoal1-v0")
+    assert list_env_ids("mjx") == ["mjx/PointGoal0", "mjx/PointGoal1", "mjx/PointGoal2"]
+    with pytest.raises(ValueError, match="CarGoal1 is not ported to JAX yet"):
+        resolve_env_id("mjx/CarGoal1")
+    with pytest.raises(ValueError, match="Did you mean mjx/PointGoal1"):
+        resolve_env_id("mjx/PointGoa1")
+    with pytest.raises(ValueError, match="runs on MJX only"):
+        make_jax_env("mjx/PointGoal1", backend="spring")
