@@ -216,10 +216,27 @@ def restore_checkpoint(
     items = {"state": ocp.args.StandardRestore(_abstract(like)), "loop": ocp.args.JsonRestore()}
     if with_replay:
         items["replay"] = ocp.args.PyTreeRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    manager.close()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except ValueError as err:
+        raise _older_format(err, run_dir, step) from err
+    finally:
+        manager.close()
     replay = restored["replay"] if with_replay else None
     return step, _unfill_empty(restored["state"], like), replay, restored["loop"]
+
+
+def _older_format(err: ValueError, run_dir, step: int) -> Exception:
+    """A clear error for a checkpoint whose train state lacks leaves added since."""
+    message = str(err)
+    if "do not match" in message and "realised_cost" in message:
+        return NotARunError(
+            f"checkpoint {step} in {str(run_dir)!r} was written before the train state "
+            "gained estep_duals.realised_cost / realised_episodes (constraint_form, "
+            "2026-12-01); this version cannot restore it. Use the cvpo-jax commit that "
+            "wrote it (before 2f0e0e0) to evaluate or resume it."
+        )
+    return err
 
 
 def save_tree_checkpoint(run_dir: Path, step: int, tree: Any, loop: dict, keep: int) -> None:
@@ -242,8 +259,12 @@ def restore_loop_counters(run_dir: str | os.PathLike, step: int) -> dict:
 def restore_tree_checkpoint(run_dir: str | os.PathLike, like: Any, step: int) -> Any:
     """Restores the pytree saved by `save_tree_checkpoint`; `like` gives its structure."""
     manager = _manager(Path(run_dir), 1000)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(tree=ocp.args.StandardRestore(_abstract(like)))
-    )
-    manager.close()
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(tree=ocp.args.StandardRestore(_abstract(like)))
+        )
+    except ValueError as err:
+        raise _older_format(err, run_dir, step) from err
+    finally:
+        manager.close()
     return _unfill_empty(restored["tree"], like)

@@ -36,3 +36,27 @@ def test_a_failed_save_keeps_the_earlier_checkpoint_and_says_so(tmp_path):
     assert ckpt.latest_step(tmp_path) == 10
     restored = ckpt.restore_tree_checkpoint(tmp_path, _tree(), 10)
     np.testing.assert_array_equal(restored["qpos"], _tree()["qpos"])
+
+
+def test_a_checkpoint_from_before_the_realised_cost_leaves_fails_with_a_clear_error(tmp_path):
+    """A train state saved without estep_duals.realised_cost / realised_episodes (as
+    every checkpoint before they existed) names the problem instead of orbax's tree
+    diff."""
+    import dataclasses
+
+    import jax
+
+    from cvpo_jax.config import CVPOConfig
+    from cvpo_jax.learner import make_learner
+
+    learner = make_learner(CVPOConfig(hidden_sizes=(8,)), 3, (-1.0,), (1.0,))
+    state = learner.init(jax.random.PRNGKey(0))
+    duals = {
+        f.name: getattr(state.estep_duals, f.name)
+        for f in dataclasses.fields(state.estep_duals)
+        if f.name not in ("realised_cost", "realised_episodes")
+    }
+    replay = {"obs": np.zeros((2, 3), np.float32)}
+    ckpt.save_checkpoint(tmp_path, 5, state.replace(estep_duals=duals), replay, {"x": 1}, keep=1)
+    with pytest.raises(ckpt.NotARunError, match="written before the train state gained"):
+        ckpt.restore_checkpoint(tmp_path, state, with_replay=False)
