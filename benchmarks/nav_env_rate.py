@@ -45,7 +45,7 @@ def jax_rate(env, num_envs: int, scan: int, repeats: int) -> dict:
     holder = {"states": states}
 
     def call():
-        holder["states"], out = run(holder["states"], next(keys))
+        holder["states"], out = common.block(run(holder["states"], next(keys)))
         return out
 
     seconds = common.measure(call, warmup=1, repeats=repeats)
