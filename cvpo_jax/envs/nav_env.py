@@ -221,9 +221,12 @@ class SafeNavEnv:
         layout_ok: chex.Array | bool = True,
     ) -> NavState:
         """The state at a given layout (e.g. one read from Safety-Gymnasium)."""
-        s = self.spec
         data = self.physics_state(layout, agent_yaw, vase_yaws)
-        hazards_xy = layout[2 : 2 + s.num_hazards]
+        hazards_xy = layout[2 : 2 + self.spec.num_hazards]
+        return self._fresh_state(key, data, goal_xy, hazards_xy, layout_ok)
+
+    def _fresh_state(self, key, data, goal_xy, hazards_xy, layout_ok) -> NavState:
+        """The state of a new episode on physics `data` at rest."""
         obs = self.observation(data, goal_xy, hazards_xy)
         zero = jnp.zeros((), jnp.float32)
         izero = jnp.zeros((), jnp.int32)
@@ -259,7 +262,8 @@ class SafeNavEnv:
         data = self.physics_state(layout, agent_yaw, vase_yaws)
         hazards_xy = layout[2 : 2 + self.spec.num_hazards]
         goal_xy = self.place_goal(k_goal, data, hazards_xy)
-        return self.reset_from_layout(k_env, layout, agent_yaw, vase_yaws, goal_xy, ok)
+        # The goal does not collide: the physics computed above stays valid.
+        return self._fresh_state(k_env, data, goal_xy, hazards_xy, ok)
 
     def physics_step(self, data, action: chex.Array):
         """frame_skip MJX steps with the action held, then a forward pass (so sensors
