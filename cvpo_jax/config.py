@@ -28,7 +28,7 @@ def _is_int(x: Any) -> bool:
 
 
 COST_BOOTSTRAPS = ("policy", "data")
-CONSTRAINT_FORMS = ("level", "advantage")
+CONSTRAINT_FORMS = ("level", "advantage", "lagrangian")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +98,14 @@ class CVPOConfig:
     # realised_cost_episodes finished training episodes) in the same per-step units,
     # so the critic only ranks actions and the level comes from the costs paid (the
     # first-order constraint of CPO, J_c(pi) + A_c <= d). Host loop only.
+    # "lagrangian": lambda is not solved per batch but is a Lagrange multiplier on the
+    # realised episode cost, lambda <- clip(lambda + lagrangian_lr * min((C - limit) /
+    # max(limit, 1), 10), lambda_bounds) after each finished training episode; the
+    # E-step then solves only eta for the weights exp((Q_r - lambda . Q_c) / eta) inside
+    # its KL ball (constrained MPO's Lagrangian form). Host loop only.
     constraint_form: str = "level"
     realised_cost_episodes: int = 20
+    lagrangian_lr: float = 0.05
     # Recovery from an infeasible E-step: when the threshold lies below what the KL
     # ball can reach, the E-step is asked instead for this fraction of the largest
     # reachable decrease of E[Q_c] from pi_old (threshold raised to
@@ -177,6 +183,12 @@ class CVPOConfig:
             self.cost_target_aggregate,
             f"null (as cost_aggregate) or one of {', '.join(COST_AGGREGATES)}",
         )
+        _check(
+            _is_number(self.lagrangian_lr) and self.lagrangian_lr > 0,
+            "lagrangian_lr",
+            self.lagrangian_lr,
+            "a finite number > 0",
+        )
         for name in ("lambda_max_log_step", "cost_feedback_gain"):
             v = getattr(self, name)
             _check(_is_number(v) and v >= 0, name, v, "a finite number >= 0 (0 disables it)")
@@ -206,7 +218,14 @@ class CVPOConfig:
             self.constraint_form == "level" or self.cost_feedback_gain == 0,
             "cost_feedback_gain",
             self.cost_feedback_gain,
-            "0 with constraint_form=advantage (the realised cost already sets the budget)",
+            f"0 with constraint_form={self.constraint_form} (the realised cost already "
+            "drives the constraint)",
+        )
+        _check(
+            self.constraint_form != "lagrangian" or self.estep_recovery == 0,
+            "estep_recovery",
+            self.estep_recovery,
+            "0 with constraint_form=lagrangian (there is no threshold to recover)",
         )
         _check(
             self.cost_bootstrap in COST_BOOTSTRAPS,

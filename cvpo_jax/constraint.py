@@ -25,6 +25,15 @@ first-order constraint J_c(pi) + E[A_c] <= d with J_c measured on the episodes a
 only the critic's differences between actions at a state used, so a critic that is
 wrong by a constant (seen: ~-2 in Q units where the realised level is ~4.5) cannot
 move the constraint.
+
+The Lagrangian form (`constraint_form="lagrangian"`) drops the per-batch solve for
+lambda altogether: lambda is a multiplier on the episode cost actually paid,
+integrated after each finished episode with the same capped relative error as the
+feedback above, and the E-step solves only eta for the fixed trade-off Q_r - lambda
+Q_c. The per-batch dual asks the KL ball for a level the replayed states cannot show
+(it is infeasible for about half the updates, whatever lambda is); a multiplier on
+the realised cost settles where the episodes cost the limit, whatever the critic's
+level, and the KL ball still bounds each step.
 """
 
 from __future__ import annotations
@@ -126,3 +135,30 @@ def recovery_threshold(q_c: chex.Array, qc_threshold: chex.Array, cfg: CVPOConfi
     largest_decrease = jnp.mean(subset, axis=(0, 1)) - min_reachable_cost(subset, cfg.estep_kl_eps)
     floor = jnp.mean(q_c, axis=(0, 1)) - cfg.estep_recovery * largest_decrease
     return jnp.maximum(qc_threshold, floor)
+
+
+def lagrangian_update(
+    log_lambda: np.ndarray, episode_costs: np.ndarray, cfg: CVPOConfig
+) -> np.ndarray:
+    """log lambda [M] after a sequence of finished episodes (the Lagrangian form).
+
+    lambda <- clip(lambda + lagrangian_lr * min((C - limit) / max(limit, 1), ERROR_CAP),
+    lambda_bounds) per episode, in the order they ended: dual ascent on the episode
+    cost, linear in lambda so that it returns from its floor at the rate it left it.
+
+    Args:
+      log_lambda: [M] current log multipliers.
+      episode_costs: [E, M] episodic costs of the finished episodes (E may be 0).
+      cfg: supplies cost_limit [M], lagrangian_lr and lambda_bounds.
+
+    Returns:
+      The new log lambda [M] (float32).
+    """
+    lam = np.exp(np.asarray(log_lambda, np.float64))
+    costs = np.asarray(episode_costs, np.float64).reshape(-1, cfg.num_constraints)
+    limits = np.asarray(cfg.cost_limit, np.float64)
+    lo, hi = cfg.lambda_bounds
+    for cost in costs:
+        error = np.minimum((cost - limits) / np.maximum(limits, 1.0), ERROR_CAP)
+        lam = np.clip(lam + cfg.lagrangian_lr * error, lo, hi)
+    return np.log(lam).astype(np.float32)

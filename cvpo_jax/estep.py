@@ -101,10 +101,12 @@ def solve_dual(
 ) -> tuple[EStepDuals, dict]:
     """Takes `cfg.dual_steps` projected Adam steps on the dual from `duals`.
 
-    With `cfg.lambda_max_log_step` > 0 the change of log-lambda over the whole
-    solve is clipped to that size: lambda then moves at a bounded rate instead of
-    jumping between its bounds when the constraint flips between slack and
-    infeasible (see the README's algorithm section).
+    With `cfg.constraint_form == "lagrangian"` only eta moves: lambda is the
+    multiplier the train loop sets from the realised cost
+    (`constraint.lagrangian_update`). With `cfg.lambda_max_log_step` > 0 the change
+    of log-lambda over the whole solve is clipped to that size: lambda then moves at
+    a bounded rate instead of jumping between its bounds when the constraint flips
+    between slack and infeasible (see the README's algorithm section).
 
     Args:
       duals: current (warm-start) duals; log_lambda [M].
@@ -125,10 +127,13 @@ def solve_dual(
             params["log_eta"], params["log_lambda"], q_r, q_c, cfg.estep_kl_eps, qc_threshold
         )
 
+    fixed_lambda = cfg.constraint_form == "lagrangian"  # set from the realised cost
+
     def project(params):
+        log_lambda = jnp.clip(params["log_lambda"], log_lo[1], log_hi[1])
         return {
             "log_eta": jnp.clip(params["log_eta"], log_lo[0], log_hi[0]),
-            "log_lambda": jnp.clip(params["log_lambda"], log_lo[1], log_hi[1]),
+            "log_lambda": duals.log_lambda if fixed_lambda else log_lambda,
         }
 
     def step(carry, _):

@@ -9,8 +9,9 @@ fold_in(act_key, t) and the update chunk after n updates fold_in(learn_key, n), 
 resumed run draws the same keys as an uninterrupted one.
 
 Every finished training episode is compared with the critics (`calibration.py`,
-logged per interval), updates the realised-cost mean of `constraint_form=advantage`
-and, with `cost_feedback_gain` > 0, moves the E-step's threshold (`constraint.py`).
+logged per interval), updates the realised-cost mean of `constraint_form=advantage`,
+moves lambda in `constraint_form=lagrangian` and, with `cost_feedback_gain` > 0, the
+E-step's threshold (`constraint.py`).
 With `critic_pretrain_updates` the critics take that many critic-only updates once,
 when the warm-up data is in.
 
@@ -38,7 +39,11 @@ from cvpo_jax import checkpoint as ckpt
 from cvpo_jax import replay as replay_lib
 from cvpo_jax.calibration import CalibrationTracker, calibration_columns
 from cvpo_jax.config import CVPOConfig, TrainConfig
-from cvpo_jax.constraint import feedback_threshold_scale, realised_cost_update
+from cvpo_jax.constraint import (
+    feedback_threshold_scale,
+    lagrangian_update,
+    realised_cost_update,
+)
 from cvpo_jax.learner import Learner, make_learner
 from cvpo_jax.run_logging import RunLogger, flat_metric_names, non_finite_metrics
 from cvpo_jax.types import Transition
@@ -365,7 +370,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                 jax.block_until_ready(buffer_state)
                 env_steps = steps
                 if finished_costs and (
-                    algo.cost_feedback_gain > 0 or algo.constraint_form == "advantage"
+                    algo.cost_feedback_gain > 0 or algo.constraint_form != "level"
                 ):
                     state = _apply_cost_feedback(state, finished_costs, algo)
                 if (
@@ -420,13 +425,17 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
 
 def _apply_cost_feedback(state, episode_costs, algo: CVPOConfig):
     """The train state with finished episodes' costs fed to the E-step: the threshold
-    scale moved (`cost_feedback_gain`) and the realised-cost mean updated."""
+    scale moved (`cost_feedback_gain`), the realised-cost mean updated and, in the
+    Lagrangian form, lambda moved against the cost error."""
     duals = state.estep_duals
     costs = np.asarray(episode_costs)
     log_scale = feedback_threshold_scale(np.asarray(duals.log_threshold_scale), costs, algo)
     mean, count = realised_cost_update(
         np.asarray(duals.realised_cost), float(duals.realised_episodes), costs, algo
     )
+    if algo.constraint_form == "lagrangian":
+        log_lambda = lagrangian_update(np.asarray(duals.log_lambda), costs, algo)
+        duals = duals.replace(log_lambda=jnp.asarray(log_lambda))
     duals = duals.replace(
         log_threshold_scale=jnp.asarray(log_scale),
         realised_cost=jnp.asarray(mean),

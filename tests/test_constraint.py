@@ -1,5 +1,5 @@
-"""Realised-cost feedback on the E-step threshold and the advantage form's budget,
-against hand computations."""
+"""Realised-cost feedback on the E-step threshold, the advantage form's budget and the
+Lagrangian form's multiplier, against hand computations."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ from cvpo_jax.config import CVPOConfig
 from cvpo_jax.constraint import (
     advantage_threshold,
     feedback_threshold_scale,
+    lagrangian_update,
     realised_cost_update,
     recovery_threshold,
 )
@@ -167,3 +168,58 @@ def test_recovery_asks_for_a_fraction_of_the_reachable_decrease():
         assert float(info["lambda_at_lower"][0]) == 0.0
         # The constraint binds at the raised threshold.
         np.testing.assert_allclose(float(info["qc_weighted"][0]), float(raised[0]), rtol=1e-3)
+
+
+def test_lagrangian_multiplier_integrates_the_capped_cost_error():
+    cfg = CVPOConfig(
+        constraint_form="lagrangian",
+        lagrangian_lr=0.1,
+        cost_limit=(20.0, 0.5),
+        lambda_bounds=(1e-8, 3.0),
+    )
+    costs = np.array([[30.0, 0.0], [300.0, 2.0], [0.0, 0.0]])
+    # Errors (limit 20): 0.5, 10 (14 capped), -1; (limit 0.5, divided by max(0.5, 1)):
+    # -0.5, 1.5, -0.5. lambda from (1, 1): 1.05 -> 2.05 -> 1.95; 0.95 -> 1.1 -> 1.05.
+    out = lagrangian_update(np.zeros(2), costs, cfg)
+    np.testing.assert_allclose(np.exp(out), [1.95, 1.05], rtol=1e-6)
+    # Linear steps, clipped to the bounds each episode: the floor is left at the rate
+    # it was reached, not in proportion to lambda.
+    floor = lagrangian_update(np.zeros(2), np.zeros((30, 2)), cfg)
+    np.testing.assert_allclose(np.exp(floor), [1e-8, 1e-8], rtol=1e-5)
+    back = lagrangian_update(floor, np.array([[40.0, 0.5]]), cfg)
+    np.testing.assert_allclose(np.exp(back), [0.1, 1e-8], rtol=1e-5, atol=1e-9)
+    ceiling = lagrangian_update(np.zeros(2), np.full((10, 2), 400.0), cfg)
+    np.testing.assert_allclose(np.exp(ceiling), [3.0, 3.0], rtol=1e-6)
+
+
+def test_lagrangian_estep_keeps_lambda_and_solves_eta():
+    """In the Lagrangian form the update leaves lambda where the train loop set it and
+    solves only eta; the E-step's weights use that lambda (the logged qc_weighted is
+    E_q[Q_c] under softmax((Q_r - lambda Q_c) / eta) from the same tables)."""
+    from cvpo_jax.estep import estep, init_estep_duals
+
+    rng = np.random.default_rng(3)
+    q_r = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
+    q_c = jnp.asarray(rng.uniform(0, 2, (32, 8, 1)), jnp.float32)
+    cfg = CVPOConfig(constraint_form="lagrangian", dual_steps=50)
+    duals = init_estep_duals(cfg).replace(log_lambda=jnp.log(jnp.asarray([2.5])))
+    new, weights, info = estep(duals, q_r, q_c, jnp.asarray([0.1]), cfg)
+    np.testing.assert_allclose(np.exp(new.log_lambda), [2.5], rtol=1e-6)
+    assert abs(float(new.log_eta - duals.log_eta)) > 1e-3
+    eta = float(np.exp(new.log_eta))
+    logits = (np.asarray(q_r, np.float64) - 2.5 * np.asarray(q_c[..., 0], np.float64)) / eta
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=1e-6)
+    # The level form with the same threshold (far below any Q_c) moves lambda up.
+    level, _, _ = estep(duals, q_r, q_c, jnp.asarray([0.1]), cfg.replace(constraint_form="level"))
+    assert float(level.log_lambda[0]) > float(np.log(2.5)) + 0.1
+
+
+def test_lagrangian_form_rejects_the_threshold_levers():
+    with pytest.raises(ValueError, match="estep_recovery=0.5.*constraint_form=lagrangian"):
+        CVPOConfig(constraint_form="lagrangian", estep_recovery=0.5)
+    with pytest.raises(ValueError, match="cost_feedback_gain=0.01.*constraint_form=lagrangian"):
+        CVPOConfig(constraint_form="lagrangian", cost_feedback_gain=0.01)
+    with pytest.raises(ValueError, match="lagrangian_lr=0"):
+        CVPOConfig(lagrangian_lr=0)

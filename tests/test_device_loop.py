@@ -235,6 +235,7 @@ def test_updates_stay_a_real_branch_when_seeds_are_vmapped(trainer):
     [
         (ALGO.replace(cost_feedback_gain=0.01), "cost_feedback_gain=0.01.*host loop only"),
         (ALGO.replace(constraint_form="advantage"), "constraint_form='advantage'.*host loop"),
+        (ALGO.replace(constraint_form="lagrangian"), "constraint_form='lagrangian'.*host loop"),
     ],
 )
 def test_host_only_constraint_options_fail_early_on_device(algo, match):
