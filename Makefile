@@ -26,7 +26,7 @@ train: setup
 # The whole test suite, slow end-to-end tests included; two workers (most of the time
 # is XLA compilation, which runs on one core per process).
 test: setup
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 # Everything but the slow end-to-end tests.
 test-fast: setup
