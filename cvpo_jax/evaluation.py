@@ -158,10 +158,15 @@ class EvalResult:
         }
 
 
-def load_policy(run_dir: str | os.PathLike, step: int | None = None):
+def load_policy(
+    run_dir: str | os.PathLike, step: int | None = None, seed_index: int = 0, jax_env=None
+):
     """Rebuilds a run's learner from run.json and restores its policy.
 
-    Only the train state is restored (not the replay buffer).
+    Only the train state is restored (not the replay buffer). An on-device run holds
+    one policy per seed: ``seed_index`` picks it (ignored for host runs). Its JAX env
+    is built from the run's env id, or given as ``jax_env`` (an env of your own that
+    the registry does not know).
 
     Returns:
       (learner, policy_params, spec, step): ``spec`` is the run's RunSpec and
@@ -170,6 +175,7 @@ def load_policy(run_dir: str | os.PathLike, step: int | None = None):
     Raises:
       NotARunError: no run.json, an unreadable run.json, no checkpoint, or no
         checkpoint at ``step`` (the message lists the available steps).
+      ValueError: ``seed_index`` outside the on-device run's seeds.
     """
     run_dir = Path(run_dir)
     try:
@@ -180,13 +186,6 @@ def load_policy(run_dir: str | os.PathLike, step: int | None = None):
         raise ckpt.NotARunError(
             f"{str(run_dir)!r} has an unreadable {ckpt.RUN_FILE} ({type(err).__name__}: {err})."
         ) from err
-    if spec.on_device:
-        raise ckpt.NotARunError(
-            f"{str(run_dir)!r} is an on-device run of {spec.env_id}; this evaluation runs "
-            "Safety-Gymnasium runs. Load one seed's policy with "
-            "cvpo_jax.device_train.load_device_policy and roll it out as in "
-            "notebooks/cvpo_tpu.ipynb."
-        )
     steps = checkpoint_steps(run_dir)
     if not steps:
         raise ckpt.NotARunError(f"{str(run_dir)!r} holds no complete checkpoint to evaluate.")
@@ -195,10 +194,54 @@ def load_policy(run_dir: str | os.PathLike, step: int | None = None):
             f"{str(run_dir)!r} has no checkpoint at step {step}; available steps: "
             f"{', '.join(map(str, steps))}."
         )
+    if spec.on_device or jax_env is not None:
+        from cvpo_jax.device_train import load_device_policy
+        from cvpo_jax.envs.registry import make_jax_env
+
+        env = jax_env if jax_env is not None else make_jax_env(spec.env_id, backend=spec.backend)
+        learner, params, step = load_device_policy(run_dir, env, seed_index, step)
+        return learner, params, spec, int(step)
     learner = make_learner(spec.algo, spec.obs_size, spec.action_low, spec.action_high)
     like = learner.init(jax.random.PRNGKey(0))
     step, state, _, _ = ckpt.restore_checkpoint(run_dir, like, step=step, with_replay=False)
     return learner, state.policy_params, spec, int(step)
+
+
+def policy_count(run_dir: str | os.PathLike, step: int) -> int:
+    """How many policies a run's checkpoint at ``step`` holds (an on-device run's seeds;
+    1 for a host run)."""
+    return int(ckpt.restore_loop_counters(Path(run_dir), step).get("num_seeds", 1))
+
+
+def evaluation_env(spec, env: str | None = None) -> str:
+    """The env id a run is evaluated on: ``env`` if given, else the run's own env, or
+    for a JAX port (``mjx/...``) the Safety-Gymnasium task it stands for.
+
+    Raises:
+      ValueError: the run trained on a JAX env without a Safety-Gymnasium counterpart
+        (``brax/...``) and no ``env`` was given, or ``env`` is itself a JAX env.
+    """
+    from cvpo_jax.envs.registry import is_jax_env, resolve_env_id, safety_gym_counterpart
+
+    if env is not None:
+        env_id = resolve_env_id(env)
+        if is_jax_env(env_id):
+            raise ValueError(
+                f"env={env!r}: this evaluation rolls out Safety-Gymnasium tasks and your own "
+                "envs, not JAX ones; roll a policy out in a JAX env as in "
+                "notebooks/cvpo_tpu.ipynb."
+            )
+        return env_id
+    if not is_jax_env(spec.env_id):
+        return spec.env_id
+    counterpart = safety_gym_counterpart(spec.env_id)
+    if counterpart is None:
+        raise ValueError(
+            f"{spec.env_id} is a JAX task without a Safety-Gymnasium counterpart; pass env= "
+            "(a task with the same observation and action sizes) or roll the policy out "
+            "as in notebooks/cvpo_tpu.ipynb."
+        )
+    return counterpart
 
 
 def _make_env(env_id: str, render: dict | None):

@@ -1,10 +1,12 @@
-"""Evaluate a trained run's policy on its environment (and optionally record a video).
+"""Evaluate a trained run's policy on its environment or another (and optionally record a video).
 
     python -m experiments.evaluate run_dir=runs/CarGoal1/seed0-20250101-120000
     python -m experiments.evaluate run_dir=... episodes=20 seed=1 step=100000
     python -m experiments.evaluate run_dir=... video=true            # mp4 in <run_dir>/eval/
     python -m experiments.evaluate run_dir=... deterministic=false   # sample actions
     python -m experiments.evaluate 'run_dirs=[A,B,C]'   # or a glob, or sweep_dir=<folder>
+    python -m experiments.evaluate run_dir=... env=PointGoal2     # on another task (same sizes)
+    python -m experiments.evaluate run_dir=<an mjx/PointGoal1 run>  # each seed on SafetyPointGoal1
 
 Prints the return and cost (mean ± std over episodes) next to the run's cost limit
 and the training-time numbers (last metrics.csv row with finished episodes), and
@@ -43,6 +45,8 @@ KEYS = {
     "video_camera",
     "video_width",
     "video_height",
+    "env",
+    "seed_index",
 }
 EVAL_DIR = "eval"
 
@@ -83,6 +87,8 @@ def parse_args(cfg: DictConfig) -> dict[str, Any]:
         "video_camera": str(data.get("video_camera")),
         "video_size": (_int(data, "video_width", 16), _int(data, "video_height", 16)),
         "video_path": data.get("video_path"),
+        "env": None if data.get("env") in (None, "") else str(data["env"]),
+        "seed_index": _int(data, "seed_index", 0, allow_none=True),
     }
     if args["video_path"] is not None:
         if not args["video"]:
@@ -130,7 +136,9 @@ def _mean_std(values) -> str:
     return f"{values.mean():.2f} ± {values.std():.2f}"
 
 
-def report(spec, step: int, result, training: dict | None, run_dir: Path) -> str:
+def report(
+    spec, step: int, result, training: dict | None, run_dir: Path, seed_index: int = 0
+) -> str:
     """The human-readable summary printed by the command."""
     cost_limit = spec.algo.cost_limit[0]
     mode = (
@@ -138,8 +146,10 @@ def report(spec, step: int, result, training: dict | None, run_dir: Path) -> str
         if result.deterministic
         else "stochastic evaluation (sampled actions)"
     )
+    seed = f", seed {seed_index} of the on-device run" if spec.on_device else ""
     lines = [
-        f"Run {run_dir} ({spec.env_id}), checkpoint at env step {step}",
+        f"Run {run_dir} ({spec.env_id}{seed}), checkpoint at env step {step}",
+        *([f"evaluated on {result.env_id}"] if result.env_id != spec.env_id else []),
         f"{mode}: {result.episodes} episode(s), seed {result.seed}"
         + (f", at most {result.max_steps} steps each" if result.max_steps else ""),
         "",
@@ -183,8 +193,9 @@ def summary_table(results: list[dict]) -> str:
 
     lines = [f"  {'run':<40}  {'step':>8}  {'return':>16}  {'cost':>16}"]
     for r in results:
+        name = str(r["run_dir"]) + (f" seed{r['seed_index']}" if r.get("on_device") else "")
         lines.append(
-            f"  {str(r['run_dir'])[-40:]:<40}  {r['step']:>8}  "
+            f"  {name[-40:]:<40}  {r['step']:>8}  "
             f"{_mean_std(r['returns']):>16}  {_mean_std(r['costs']):>16}"
         )
     ret = np.array([np.mean(r["returns"]) for r in results])
@@ -198,17 +209,18 @@ def summary_table(results: list[dict]) -> str:
 
 def _main(cfg: DictConfig) -> int:
     args = parse_args(cfg)
+    from cvpo_jax import evaluation
+
     results = []
     for run_dir in args["run_dirs"]:
-        data = _evaluate(run_dir, args)
-        if data is None:
-            return 1
-        results.append(data)
+        for seed_index in _seed_indices(run_dir, args):
+            data = _evaluate(run_dir, args, seed_index)
+            if data is None:
+                return 1
+            results.append(data)
     if len(results) == 1:
         return 0
     import numpy as np
-
-    from cvpo_jax import evaluation
 
     print("\n" + summary_table(results))
     out = args["out"] or args["run_dirs"][0].parent / f"eval_{len(results)}runs.json"
@@ -227,15 +239,50 @@ def _main(cfg: DictConfig) -> int:
     return 0
 
 
-def _evaluate(run_dir: Path, args: dict) -> dict | None:
-    """Evaluates one run, prints its report and writes its JSON; None on a render error."""
+def _seed_indices(run_dir: Path, args: dict) -> list[int]:
+    """The policies of a run to evaluate: each seed of an on-device run (or the one
+    `seed_index` names); [0] for a host run."""
+    from cvpo_jax import checkpoint, evaluation
+
+    spec = checkpoint.load_run_spec(run_dir)
+    if not spec.on_device:
+        if args["seed_index"] not in (None, 0):
+            raise UsageError(
+                f"seed_index={args['seed_index']}: {run_dir} is a host run with one policy."
+            )
+        return [0]
+    step = args["step"] if args["step"] is not None else checkpoint.latest_step(run_dir)
+    if step is None:
+        raise checkpoint.NotARunError(f"{str(run_dir)!r} holds no complete checkpoint.")
+    count = evaluation.policy_count(run_dir, step)
+    if args["seed_index"] is None:
+        return list(range(count))
+    if args["seed_index"] >= count:
+        raise UsageError(
+            f"seed_index={args['seed_index']} is out of range: {run_dir} has {count} seed(s)."
+        )
+    return [args["seed_index"]]
+
+
+def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
+    """Evaluates one policy of a run, prints its report and writes its JSON; None on a
+    render error."""
     # Before anything imports mujoco: headless rendering needs MUJOCO_GL set.
     from cvpo_jax import evaluation
 
-    learner, policy_params, spec, step = evaluation.load_policy(run_dir, args["step"])
+    learner, policy_params, spec, step = evaluation.load_policy(run_dir, args["step"], seed_index)
+    try:
+        env_id = evaluation.evaluation_env(spec, args["env"])
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
     out_dir = run_dir / EVAL_DIR
-    stem = f"eval_step{step}" + ("" if args["deterministic"] else "_stochastic")
+    stem = f"eval_step{step}"
+    if spec.on_device:
+        stem += f"_seed{seed_index}"
+    if env_id != spec.env_id:
+        stem += "_on_" + env_id.replace("/", "-")
+    stem += "" if args["deterministic"] else "_stochastic"
     video_path = None
     if args["video"]:
         video_path = args["video_path"] or out_dir / f"{stem}.mp4"
@@ -250,7 +297,7 @@ def _evaluate(run_dir: Path, args: dict) -> dict | None:
         result = evaluation.evaluate_policy(
             learner,
             policy_params,
-            spec.env_id,
+            env_id,
             episodes=args["episodes"],
             seed=args["seed"],
             deterministic=args["deterministic"],
@@ -266,10 +313,13 @@ def _evaluate(run_dir: Path, args: dict) -> dict | None:
         return None
     seconds = time.perf_counter() - start
     training = evaluation.summarize_training(run_dir / "metrics.csv")
-    print(report(spec, step, result, training, run_dir))
+    print(report(spec, step, result, training, run_dir, seed_index))
 
     data = {
         "run_dir": str(run_dir),
+        "trained_on": spec.env_id,
+        "on_device": spec.on_device,
+        "seed_index": seed_index,
         "step": step,
         "cost_limit": list(spec.algo.cost_limit),
         **result.to_json(),

@@ -220,6 +220,16 @@ def test_train_on_device_checkpoints_resume_and_policy_loading(tmp_path):
     assert action.shape == (3, 2) and np.all(np.abs(np.asarray(action)) <= 1)
     with pytest.raises(ValueError, match="seed_index=2"):
         load_device_policy(tmp_path / "run", ScriptedJaxEnv(), seed_index=2)
+    # The evaluation's loader gives the same seed's policy (what experiments.evaluate
+    # rolls out on the Safety-Gymnasium counterpart of an mjx/ run).
+    from cvpo_jax.evaluation import load_policy, policy_count
+
+    assert policy_count(tmp_path / "run", 400) == 2
+    _, q1, spec, q_step = load_policy(tmp_path / "run", seed_index=1, jax_env=ScriptedJaxEnv())
+    assert q_step == 400 and spec.env_id == "ScriptedJax-v0"
+    np.testing.assert_array_equal(
+        q1["params"]["Dense_0"]["kernel"], p1["params"]["Dense_0"]["kernel"]
+    )
 
 
 def test_updates_stay_a_real_branch_when_seeds_are_vmapped(trainer):

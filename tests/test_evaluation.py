@@ -254,3 +254,41 @@ def test_cli_evaluates_several_runs_into_one_table(run_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(out.read_text())["runs"]) == 2
+
+
+def test_evaluation_env_is_the_override_or_the_ported_task():
+    from types import SimpleNamespace
+
+    from cvpo_jax.evaluation import evaluation_env
+
+    def spec(env_id):
+        return SimpleNamespace(env_id=env_id)
+
+    assert evaluation_env(spec("SafetyCarGoal1-v0")) == "SafetyCarGoal1-v0"
+    assert evaluation_env(spec("SafetyCarGoal1-v0"), "CarGoal2") == "SafetyCarGoal2-v0"
+    assert evaluation_env(spec("mjx/PointGoal1")) == "SafetyPointGoal1-v0"
+    with pytest.raises(ValueError, match="brax/ant is a JAX task without a Safety-Gymnasium"):
+        evaluation_env(spec("brax/ant"))
+    with pytest.raises(ValueError, match="env='mjx/PointGoal1': this evaluation rolls out"):
+        evaluation_env(spec("SafetyPointGoal1-v0"), "mjx/PointGoal1")
+
+
+def test_evaluation_on_another_task_is_labelled_and_kept_apart(run_dir, policy):
+    """env= evaluates the run's policy on another task with the same spaces and writes
+    it next to, not over, the evaluation on the run's own task; a task whose
+    observations do not fit is refused naming both shapes."""
+    from omegaconf import OmegaConf
+
+    from experiments.evaluate import _evaluate, parse_args
+
+    data = OmegaConf.to_container(OmegaConf.load(REPO / "experiments/conf/evaluate.yaml"))
+    data.pop("defaults"), data.pop("hydra")
+    overrides = {"run_dir": str(run_dir), "episodes": 1, "max_steps": 20, "step": 200}
+    args = parse_args(OmegaConf.create({**data, **overrides, "env": "CarGoal2"}))
+    out = _evaluate(run_dir, args)
+    assert out["env_id"] == "SafetyCarGoal2-v0" and out["trained_on"] == "SafetyCarGoal1-v0"
+    written = run_dir / "eval" / "eval_step200_on_SafetyCarGoal2-v0.json"
+    assert json.loads(written.read_text())["env_id"] == "SafetyCarGoal2-v0"
+    learner, params, _, _ = policy
+    with pytest.raises(ValueError, match=r"SafetyCarGoal0-v0 has observations of shape \(40,\)"):
+        evaluate_policy(learner, params, "CarGoal0", episodes=1, seed=0, max_steps=2)

@@ -153,6 +153,13 @@ def make_jax_env(env_id: str, backend: str | None = None, episode_length: int | 
     raise ValueError(f"{env_id!r} is not a JAX env; JAX env prefixes: {', '.join(JAX_BACKENDS)}")
 
 
+def safety_gym_counterpart(env_id: str) -> str | None:
+    """The Safety-Gymnasium task a JAX port stands for (``mjx/PointGoal1`` ->
+    ``SafetyPointGoal1-v0``); None for ids without one (``brax/...``, your own envs)."""
+    prefix, name = split_backend(env_id)
+    return _resolve_safety_gym(name) if prefix == NAV_BACKEND else None
+
+
 def split_backend(name: str) -> tuple[str, str]:
     """Splits ``"brax/ant"`` into ``("brax", "ant")``; no prefix gives ``("", name)``."""
     prefix, sep, rest = name.partition("/")
