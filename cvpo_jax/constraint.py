@@ -118,7 +118,9 @@ def advantage_threshold(
     return jnp.mean(q_c, axis=(0, 1)) + budget
 
 
-def recovery_threshold(q_c: chex.Array, qc_threshold: chex.Array, cfg: CVPOConfig) -> chex.Array:
+def recovery_threshold(
+    q_c: chex.Array, qc_threshold: chex.Array, cfg: CVPOConfig, reachable: chex.Array | None = None
+) -> chex.Array:
     """The threshold [M] raised, where the KL ball cannot reach it, to ask for a fraction
     `cfg.estep_recovery` of the largest reachable decrease of E[Q_c] from pi_old.
 
@@ -129,10 +131,13 @@ def recovery_threshold(q_c: chex.Array, qc_threshold: chex.Array, cfg: CVPOConfi
     Args:
       q_c: [B, K, M] cost values of the K samples from pi_old at B states.
       qc_threshold: [M] the threshold the E-step would use.
+      reachable: [M] `min_reachable_cost` of that subset, if already computed.
     """
     chex.assert_rank(q_c, 3)
     subset = jax.lax.stop_gradient(q_c[:REACHABLE_STATES])
-    largest_decrease = jnp.mean(subset, axis=(0, 1)) - min_reachable_cost(subset, cfg.estep_kl_eps)
+    if reachable is None:
+        reachable = min_reachable_cost(subset, cfg.estep_kl_eps)
+    largest_decrease = jnp.mean(subset, axis=(0, 1)) - reachable
     floor = jnp.mean(q_c, axis=(0, 1)) - cfg.estep_recovery * largest_decrease
     return jnp.maximum(qc_threshold, floor)
 

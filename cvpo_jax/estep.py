@@ -229,8 +229,13 @@ def estep(
     q_c: chex.Array,
     qc_threshold: chex.Array,
     cfg: CVPOConfig,
+    reachable: chex.Array | None = None,
 ) -> tuple[EStepDuals, chex.Array, dict]:
-    """Solves the dual (warm start) and returns (new duals, weights [B, K], info)."""
+    """Solves the dual (warm start) and returns (new duals, weights [B, K], info).
+
+    `reachable` [M] is `min_reachable_cost` of q_c's first REACHABLE_STATES states if
+    the caller has it (computed here otherwise), for the feasibility diagnostics.
+    """
     duals, info = solve_dual(duals, q_r, q_c, qc_threshold, cfg)
     eta = jnp.exp(duals.log_eta)
     lam = jnp.exp(duals.log_lambda)
@@ -238,7 +243,9 @@ def estep(
     diagnostics = weight_diagnostics(weights, q_c, qc_threshold)
     # A diagnostic only: the batch's states are in random order, so its first
     # REACHABLE_STATES estimate it from a random subset at a fraction of the cost.
-    reachable = min_reachable_cost(jax.lax.stop_gradient(q_c[:REACHABLE_STATES]), cfg.estep_kl_eps)
+    if reachable is None:
+        subset = jax.lax.stop_gradient(q_c[:REACHABLE_STATES])
+        reachable = min_reachable_cost(subset, cfg.estep_kl_eps)
     log_lam_hi = jnp.log(cfg.lambda_bounds[1])
     log_lam_lo = jnp.log(cfg.lambda_bounds[0])
     info = {

@@ -153,9 +153,14 @@ def update_step(
         qc_threshold = jnp.asarray(cfg.qc_threshold, jnp.float32) * jnp.exp(
             duals.log_threshold_scale
         )
+    # Once per update: the recovery threshold and the feasibility diagnostics share it.
+    subset = jax.lax.stop_gradient(q_c[: estep_lib.REACHABLE_STATES])
+    reachable = estep_lib.min_reachable_cost(subset, cfg.estep_kl_eps)
     if cfg.estep_recovery > 0:
-        qc_threshold = constraint_lib.recovery_threshold(q_c, qc_threshold, cfg)
-    estep_duals, weights, estep_info = estep_lib.estep(duals, q_r, q_c, qc_threshold, cfg)
+        qc_threshold = constraint_lib.recovery_threshold(q_c, qc_threshold, cfg, reachable)
+    estep_duals, weights, estep_info = estep_lib.estep(
+        duals, q_r, q_c, qc_threshold, cfg, reachable
+    )
 
     # 3. M-step: fit pi_theta to the weighted samples inside the KL trust region.
     policy_params, policy_opt_state, mstep_duals, mstep_info = mstep_lib.mstep(

@@ -30,7 +30,9 @@ import re
 import mujoco
 import numpy as np
 
-PREFIX = "mjx"
+from cvpo_jax.envs.registry import NAV_BACKEND
+
+PREFIX = NAV_BACKEND  # the registry's prefix of these tasks
 ROBOTS = ("Point",)
 TASKS = ("Goal",)
 LEVELS = (0, 1, 2)
