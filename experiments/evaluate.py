@@ -312,7 +312,9 @@ def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
         print(f"error: {err}", file=sys.stderr)
         return None
     seconds = time.perf_counter() - start
-    training = evaluation.summarize_training(run_dir / "metrics.csv")
+    # An on-device run logs each seed in its own folder.
+    log_dir = run_dir / f"seed{seed_index}" if spec.on_device else run_dir
+    training = evaluation.summarize_training(log_dir / "metrics.csv")
     print(report(spec, step, result, training, run_dir, seed_index))
 
     data = {
