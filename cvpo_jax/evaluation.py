@@ -215,33 +215,15 @@ def policy_count(run_dir: str | os.PathLike, step: int) -> int:
 
 def evaluation_env(spec, env: str | None = None) -> str:
     """The env id a run is evaluated on: ``env`` if given, else the run's own env, or
-    for a JAX port (``mjx/...``) the Safety-Gymnasium task it stands for.
-
-    Raises:
-      ValueError: the run trained on a JAX env without a Safety-Gymnasium counterpart
-        (``brax/...``) and no ``env`` was given, or ``env`` is itself a JAX env.
-    """
+    for a JAX port (``mjx/...``) the Safety-Gymnasium task it stands for (so that the
+    default evaluation of a policy trained in JAX is on the real task)."""
     from cvpo_jax.envs.registry import is_jax_env, resolve_env_id, safety_gym_counterpart
 
     if env is not None:
-        env_id = resolve_env_id(env)
-        if is_jax_env(env_id):
-            raise ValueError(
-                f"env={env!r}: this evaluation rolls out Safety-Gymnasium tasks and your own "
-                "envs, not JAX ones; roll a policy out in a JAX env as in "
-                "notebooks/cvpo_tpu.ipynb."
-            )
-        return env_id
-    if not is_jax_env(spec.env_id):
-        return spec.env_id
-    counterpart = safety_gym_counterpart(spec.env_id)
-    if counterpart is None:
-        raise ValueError(
-            f"{spec.env_id} is a JAX task without a Safety-Gymnasium counterpart; pass env= "
-            "(a task with the same observation and action sizes) or roll the policy out "
-            "as in notebooks/cvpo_tpu.ipynb."
-        )
-    return counterpart
+        return resolve_env_id(env)
+    if is_jax_env(spec.env_id):
+        return safety_gym_counterpart(spec.env_id) or spec.env_id
+    return spec.env_id
 
 
 def _make_env(env_id: str, render: dict | None):
@@ -333,9 +315,8 @@ def evaluate_policy(
     env_id = resolve_env_id(env_id)
     if is_jax_env(env_id):
         raise ValueError(
-            f"{env_id} is a JAX task: this evaluation rolls out Safety-Gymnasium tasks and "
-            "your own envs. Roll the policy out with the env's reset/step as in "
-            "notebooks/cvpo_tpu.ipynb."
+            f"{env_id} is a JAX task: roll it out with "
+            "cvpo_jax.jax_evaluation.evaluate_jax_policy (all episodes at once)."
         )
     render = None
     if recording:

@@ -264,17 +264,36 @@ def _seed_indices(run_dir: Path, args: dict) -> list[int]:
     return [args["seed_index"]]
 
 
+def _evaluate_in_jax(learner, policy_params, spec, env_id: str, args: dict):
+    """All episodes at once inside the JAX env ``env_id`` (`jax_evaluation`)."""
+    from cvpo_jax.envs.registry import make_jax_env
+    from cvpo_jax.jax_evaluation import evaluate_jax_policy
+
+    for key in ("video", "max_steps"):
+        if args[key]:
+            raise UsageError(f"{key}={args[key]!r} is for Safety-Gymnasium tasks, not {env_id}.")
+    backend = spec.backend if env_id == spec.env_id else None
+    env = make_jax_env(env_id, backend=backend)
+    print(
+        f"[cvpo] compiling {args['episodes']} {env_id} episodes into one program "
+        "(minutes on a CPU for mjx/ tasks)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return evaluate_jax_policy(
+        learner, policy_params, env, args["episodes"], args["seed"], args["deterministic"]
+    )
+
+
 def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
     """Evaluates one policy of a run, prints its report and writes its JSON; None on a
     render error."""
     # Before anything imports mujoco: headless rendering needs MUJOCO_GL set.
     from cvpo_jax import evaluation
+    from cvpo_jax.envs.registry import is_jax_env
 
     learner, policy_params, spec, step = evaluation.load_policy(run_dir, args["step"], seed_index)
-    try:
-        env_id = evaluation.evaluation_env(spec, args["env"])
-    except ValueError as err:
-        raise UsageError(str(err)) from err
+    env_id = evaluation.evaluation_env(spec, args["env"])
 
     out_dir = run_dir / EVAL_DIR
     stem = f"eval_step{step}"
@@ -293,24 +312,27 @@ def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
             flush=True,
         )
     start = time.perf_counter()
-    try:
-        result = evaluation.evaluate_policy(
-            learner,
-            policy_params,
-            env_id,
-            episodes=args["episodes"],
-            seed=args["seed"],
-            deterministic=args["deterministic"],
-            video_path=video_path,
-            video_episodes=args["video_episodes"],
-            max_steps=args["max_steps"],
-            video_camera=args["video_camera"],
-            video_size=args["video_size"],
-            cost_names=spec.train.costs,
-        )
-    except evaluation.RenderError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None
+    if is_jax_env(env_id):
+        result = _evaluate_in_jax(learner, policy_params, spec, env_id, args)
+    else:
+        try:
+            result = evaluation.evaluate_policy(
+                learner,
+                policy_params,
+                env_id,
+                episodes=args["episodes"],
+                seed=args["seed"],
+                deterministic=args["deterministic"],
+                video_path=video_path,
+                video_episodes=args["video_episodes"],
+                max_steps=args["max_steps"],
+                video_camera=args["video_camera"],
+                video_size=args["video_size"],
+                cost_names=spec.train.costs,
+            )
+        except evaluation.RenderError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return None
     seconds = time.perf_counter() - start
     # An on-device run logs each seed in its own folder.
     log_dir = run_dir / f"seed{seed_index}" if spec.on_device else run_dir
