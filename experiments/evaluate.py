@@ -269,9 +269,6 @@ def _evaluate_in_jax(learner, policy_params, spec, env_id: str, args: dict):
     from cvpo_jax.envs.registry import make_jax_env
     from cvpo_jax.jax_evaluation import evaluate_jax_policy
 
-    for key in ("video", "max_steps"):
-        if args[key]:
-            raise UsageError(f"{key}={args[key]!r} is for Safety-Gymnasium tasks, not {env_id}.")
     backend = spec.backend if env_id == spec.env_id else None
     env = make_jax_env(env_id, backend=backend)
     print(
@@ -294,6 +291,12 @@ def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
 
     learner, policy_params, spec, step = evaluation.load_policy(run_dir, args["step"], seed_index)
     env_id = evaluation.evaluation_env(spec, args["env"])
+    if is_jax_env(env_id):
+        for key in ("video", "max_steps"):
+            if args[key]:
+                raise UsageError(
+                    f"{key}={args[key]!r} is for Safety-Gymnasium tasks, not {env_id}."
+                )
 
     out_dir = run_dir / EVAL_DIR
     stem = f"eval_step{step}"

@@ -292,3 +292,18 @@ def test_evaluation_on_another_task_is_labelled_and_kept_apart(run_dir, policy):
     learner, params, _, _ = policy
     with pytest.raises(ValueError, match=r"SafetyCarGoal0-v0 has observations of shape \(40,\)"):
         evaluate_policy(learner, params, "CarGoal0", episodes=1, seed=0, max_steps=2)
+
+
+def test_jax_evaluation_refuses_video_and_step_caps_before_building_anything(run_dir):
+    from omegaconf import OmegaConf
+
+    from experiments.cli import UsageError
+    from experiments.evaluate import _evaluate, parse_args
+
+    data = OmegaConf.to_container(OmegaConf.load(REPO / "experiments/conf/evaluate.yaml"))
+    data.pop("defaults"), data.pop("hydra")
+    base = {**data, "run_dir": str(run_dir), "env": "mjx/PointGoal1"}
+    for extra, message in [({"video": True}, "video=True"), ({"max_steps": 5}, "max_steps=5")]:
+        args = parse_args(OmegaConf.create({**base, **extra}))
+        with pytest.raises(UsageError, match=f"{message} is for Safety-Gymnasium tasks"):
+            _evaluate(run_dir, args)
