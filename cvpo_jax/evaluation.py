@@ -262,6 +262,30 @@ def _free_renderers(env) -> None:
     gc.collect()
 
 
+def check_episodes_and_seed(episodes: Any, seed: Any) -> None:
+    """ValueError unless episodes is an integer >= 1 and seed an integer >= 0."""
+    if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
+        raise ValueError(f"episodes={episodes!r} must be an integer >= 1.")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an integer >= 0.")
+
+
+def check_policy_fits(learner: Learner, env_id: str, obs_shape, action_shape) -> None:
+    """ValueError naming both shapes unless the env's observation and action shapes are
+    the policy's ([O] and [A])."""
+    obs_size, action_size = learner.networks.obs_size, learner.networks.action_size
+    if tuple(obs_shape) != (obs_size,):
+        raise ValueError(
+            f"{env_id} has observations of shape {tuple(obs_shape)}; the policy takes "
+            f"({obs_size},)."
+        )
+    if tuple(action_shape) != (action_size,):
+        raise ValueError(
+            f"{env_id} has actions of shape {tuple(action_shape)}; the policy gives "
+            f"({action_size},)."
+        )
+
+
 def evaluate_policy(
     learner: Learner,
     policy_params,
@@ -303,10 +327,7 @@ def evaluate_policy(
     """
     from cvpo_jax.envs.registry import is_jax_env, resolve_env_id
 
-    if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
-        raise ValueError(f"episodes={episodes!r} must be an integer >= 1.")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be an integer >= 0.")
+    check_episodes_and_seed(episodes, seed)
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
         raise ValueError(f"max_steps={max_steps!r} must be null or an integer >= 1.")
     if video_path is not None and (not isinstance(video_episodes, int) or video_episodes < 0):
@@ -333,19 +354,9 @@ def evaluate_policy(
     partial = None
     try:
         obs_space, act_space = env.observation_space, env.action_space
-        obs_size = learner.networks.obs_size
-        if tuple(obs_space.shape) != (obs_size,):
-            raise ValueError(
-                f"{env_id} has observations of shape {obs_space.shape}; the policy takes "
-                f"({obs_size},)."
-            )
         low = np.asarray(act_space.low, np.float32)
         high = np.asarray(act_space.high, np.float32)
-        if low.shape != (learner.networks.action_size,):
-            raise ValueError(
-                f"{env_id} has actions of shape {low.shape}; the policy gives "
-                f"({learner.networks.action_size},)."
-            )
+        check_policy_fits(learner, env_id, obs_space.shape, low.shape)
         if recording:
             env.reset(seed=seed)  # Builds the world, whose cameras can then be checked.
             _check_camera(env, video_camera)

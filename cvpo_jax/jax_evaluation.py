@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvpo_jax.evaluation import EvalResult
+from cvpo_jax.evaluation import EvalResult, check_episodes_and_seed, check_policy_fits
 from cvpo_jax.learner import Learner
 
 
@@ -46,23 +46,10 @@ def evaluate_jax_policy(
       An EvalResult with returns, costs and lengths [E]; ``complete`` is False for an
       episode that did not end within ``env.episode_length`` steps.
     """
-    if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
-        raise ValueError(f"episodes={episodes!r} must be an integer >= 1.")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be an integer >= 0.")
-    obs_size = learner.networks.obs_size
-    if int(env.observation_size) != obs_size:
-        raise ValueError(
-            f"{env_id or env.env_id} has observations of size {env.observation_size}; the "
-            f"policy takes {obs_size}."
-        )
+    check_episodes_and_seed(episodes, seed)
     low = jnp.asarray(env.action_low, jnp.float32)
     high = jnp.asarray(env.action_high, jnp.float32)
-    if low.shape != (learner.networks.action_size,):
-        raise ValueError(
-            f"{env_id or env.env_id} has actions of shape {tuple(low.shape)}; the policy "
-            f"gives ({learner.networks.action_size},)."
-        )
+    check_policy_fits(learner, env_id or env.env_id, (int(env.observation_size),), low.shape)
     returns, costs, lengths, ended = _rollout(
         learner, policy_params, env, episodes, seed, bool(deterministic), low, high
     )

@@ -55,7 +55,7 @@ def test_episodes_match_a_step_by_step_rollout(policy):
 def test_sizes_and_arguments_are_checked(policy):
     env, learner, params = policy
     other = make_learner(ALGO, 5, env.action_low, env.action_high)
-    with pytest.raises(ValueError, match="observations of size 4; the policy takes 5"):
+    with pytest.raises(ValueError, match=r"observations of shape \(4,\); the policy takes \(5,\)"):
         evaluate_jax_policy(other, other.init(jax.random.PRNGKey(0)).policy_params, env, 1, 0)
     with pytest.raises(ValueError, match="episodes=0"):
         evaluate_jax_policy(learner, params, env, 0, 0)
