@@ -29,6 +29,7 @@ def _is_int(x: Any) -> bool:
 
 COST_BOOTSTRAPS = ("policy", "data")
 CONSTRAINT_FORMS = ("level", "advantage", "lagrangian")
+LAGRANGIAN_SCALES = ("linear", "log")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,10 @@ class CVPOConfig:
     constraint_form: str = "level"
     realised_cost_episodes: int = 20
     lagrangian_lr: float = 0.05
+    # "linear": the step above; "log": log lambda moves by lagrangian_lr * clip((C -
+    # limit) / limit, -1, 1) per episode, so early costly episodes cannot wind it up
+    # (constraint.lagrangian_update).
+    lagrangian_scale: str = "linear"
     # Recovery from an infeasible E-step: when the threshold lies below what the KL
     # ball can reach, the E-step is asked instead for this fraction of the largest
     # reachable decrease of E[Q_c] from pi_old (threshold raised to
@@ -188,6 +193,12 @@ class CVPOConfig:
             "lagrangian_lr",
             self.lagrangian_lr,
             "a finite number > 0",
+        )
+        _check(
+            self.lagrangian_scale in LAGRANGIAN_SCALES,
+            "lagrangian_scale",
+            self.lagrangian_scale,
+            f"one of {LAGRANGIAN_SCALES}",
         )
         for name in ("lambda_max_log_step", "cost_feedback_gain"):
             v = getattr(self, name)

@@ -147,23 +147,34 @@ def lagrangian_update(
 ) -> np.ndarray:
     """log lambda [M] after a sequence of finished episodes (the Lagrangian form).
 
-    lambda <- clip(lambda + lagrangian_lr * min((C - limit) / max(limit, 1), ERROR_CAP),
-    lambda_bounds) per episode, in the order they ended: dual ascent on the episode
-    cost, linear in lambda so that it returns from its floor at the rate it left it.
+    Per episode, in the order they ended, with e = (C - limit) / max(limit, 1):
+    - `lagrangian_scale="linear"`: lambda <- clip(lambda + lagrangian_lr * min(e,
+      ERROR_CAP), lambda_bounds), dual ascent on the episode cost, linear in lambda
+      so that it returns from its floor at the rate it left it;
+    - `lagrangian_scale="log"`: log lambda <- clip(log lambda + lagrangian_lr *
+      clip(e, -1, 1), log lambda_bounds), a multiplicative step of at most
+      exp(lagrangian_lr) per episode. The costly first episodes (cost 2-8x the
+      limit) cannot wind lambda up by more than that, and a lambda that overshot is
+      undone in as many episodes as it took to overshoot, at any level.
 
     Args:
       log_lambda: [M] current log multipliers.
       episode_costs: [E, M] episodic costs of the finished episodes (E may be 0).
-      cfg: supplies cost_limit [M], lagrangian_lr and lambda_bounds.
+      cfg: supplies cost_limit [M], lagrangian_lr, lagrangian_scale, lambda_bounds.
 
     Returns:
       The new log lambda [M] (float32).
     """
-    lam = np.exp(np.asarray(log_lambda, np.float64))
+    log_lam = np.asarray(log_lambda, np.float64)
     costs = np.asarray(episode_costs, np.float64).reshape(-1, cfg.num_constraints)
     limits = np.asarray(cfg.cost_limit, np.float64)
     lo, hi = cfg.lambda_bounds
     for cost in costs:
-        error = np.minimum((cost - limits) / np.maximum(limits, 1.0), ERROR_CAP)
-        lam = np.clip(lam + cfg.lagrangian_lr * error, lo, hi)
-    return np.log(lam).astype(np.float32)
+        error = (cost - limits) / np.maximum(limits, 1.0)
+        if cfg.lagrangian_scale == "log":
+            step = cfg.lagrangian_lr * np.clip(error, -1.0, 1.0)
+            log_lam = np.clip(log_lam + step, np.log(lo), np.log(hi))
+        else:
+            lam = np.exp(log_lam) + cfg.lagrangian_lr * np.minimum(error, ERROR_CAP)
+            log_lam = np.log(np.clip(lam, lo, hi))
+    return log_lam.astype(np.float32)

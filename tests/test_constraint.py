@@ -192,6 +192,37 @@ def test_lagrangian_multiplier_integrates_the_capped_cost_error():
     np.testing.assert_allclose(np.exp(ceiling), [3.0, 3.0], rtol=1e-6)
 
 
+def test_lagrangian_multiplier_on_the_log_scale_steps_by_the_clipped_error():
+    cfg = CVPOConfig(
+        constraint_form="lagrangian",
+        lagrangian_scale="log",
+        lagrangian_lr=0.1,
+        cost_limit=(20.0, 0.5),
+        lambda_bounds=(1e-3, 3.0),
+    )
+    costs = np.array([[30.0, 0.0], [300.0, 2.0], [0.0, 0.0]])
+    # Errors (limit 20) 0.5, 13.5 -> 1, -1; (limit 0.5 over max(0.5, 1)) -0.5, 1.5 -> 1,
+    # -0.5. log lambda from (0, 0): 0.05 -> 0.15 -> 0.05; -0.05 -> 0.05 -> 0.0.
+    out = lagrangian_update(np.zeros(2), costs, cfg)
+    np.testing.assert_allclose(out, [0.05, 0.0], atol=1e-6)
+    # However costly, one episode moves lambda by at most exp(lr); from the floor it
+    # rises at the rate it fell, in log units.
+    start = np.log([0.01, 0.01])
+    once = lagrangian_update(start, np.array([[1e4, 1e4]]), cfg)
+    np.testing.assert_allclose(np.exp(once), 0.01 * np.exp(0.1), rtol=1e-5)
+    floor = lagrangian_update(np.zeros(2), np.zeros((200, 2)), cfg)
+    np.testing.assert_allclose(np.exp(floor), [1e-3, 1e-3], rtol=1e-5)
+    up = lagrangian_update(floor, np.full((5, 2), 100.0), cfg)
+    np.testing.assert_allclose(np.exp(up), 1e-3 * np.exp(0.5), rtol=1e-5)
+    ceiling = lagrangian_update(np.zeros(2), np.full((30, 2), 400.0), cfg)
+    np.testing.assert_allclose(np.exp(ceiling), [3.0, 3.0], rtol=1e-5)
+
+
+def test_lagrangian_scale_rejects_unknown_names():
+    with pytest.raises(ValueError, match="lagrangian_scale"):
+        CVPOConfig(lagrangian_scale="exp")
+
+
 def test_lagrangian_estep_keeps_lambda_and_solves_eta():
     """In the Lagrangian form the update leaves lambda where the train loop set it and
     solves only eta; the E-step's weights use that lambda (the logged qc_weighted is
