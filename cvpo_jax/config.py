@@ -30,6 +30,7 @@ def _is_int(x: Any) -> bool:
 COST_BOOTSTRAPS = ("policy", "data")
 CONSTRAINT_FORMS = ("level", "advantage", "lagrangian")
 LAGRANGIAN_SCALES = ("linear", "log")
+LAGRANGIAN_SIGNALS = ("episode", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,11 @@ class CVPOConfig:
     # above keeps the E-step pessimistic without compounding the max through the
     # bootstrap.
     cost_target_aggregate: str | None = None
+    # Costs are >= 0, so is every Q_c: clamp the cost critics' values at 0 in the TD
+    # target, the E-step and the diagnostics. Without it the E-step, which weights
+    # the K sampled actions by exp(-lambda Q_c / eta), favours actions whose Q_c is
+    # extrapolated below 0 (seen: E_pi[Q_c] -2 while the realised cost-to-go was 2-4).
+    nonnegative_cost_q: bool = False
     # The next action of the cost critics' TD target: "policy" samples it from the
     # target policy (as for the reward critics); "data" takes the action the data took
     # at the bootstrap observation (the policy's where the episode ended there), so
@@ -111,6 +117,9 @@ class CVPOConfig:
     # limit) / limit, -1, 1) per episode, so early costly episodes cannot wind it up
     # (constraint.lagrangian_update).
     lagrangian_scale: str = "linear"
+    # The cost in the error: "episode" (each finished episode's own) or "mean" (the
+    # running mean over about the last realised_cost_episodes after each of them).
+    lagrangian_signal: str = "episode"
     # Recovery from an infeasible E-step: when the threshold lies below what the KL
     # ball can reach, the E-step is asked instead for this fraction of the largest
     # reachable decrease of E[Q_c] from pi_old (threshold raised to
@@ -200,6 +209,12 @@ class CVPOConfig:
             self.lagrangian_scale,
             f"one of {LAGRANGIAN_SCALES}",
         )
+        _check(
+            self.lagrangian_signal in LAGRANGIAN_SIGNALS,
+            "lagrangian_signal",
+            self.lagrangian_signal,
+            f"one of {LAGRANGIAN_SIGNALS}",
+        )
         for name in ("lambda_max_log_step", "cost_feedback_gain"):
             v = getattr(self, name)
             _check(_is_number(v) and v >= 0, name, v, "a finite number >= 0 (0 disables it)")
@@ -243,6 +258,12 @@ class CVPOConfig:
             "cost_bootstrap",
             self.cost_bootstrap,
             f"one of {COST_BOOTSTRAPS}",
+        )
+        _check(
+            isinstance(self.nonnegative_cost_q, bool),
+            "nonnegative_cost_q",
+            self.nonnegative_cost_q,
+            "a bool",
         )
         _check(
             isinstance(self.critic_layer_norm, bool),

@@ -100,6 +100,19 @@ def realised_cost_update(
     return mean.astype(np.float32), float(count)
 
 
+def realised_cost_trace(
+    mean: np.ndarray, count: float, episode_costs: np.ndarray, cfg: CVPOConfig
+) -> np.ndarray:
+    """The running mean [E, M] after each of E finished episodes, in order (float64),
+    by the same rule as `realised_cost_update`."""
+    costs = np.asarray(episode_costs, np.float64).reshape(-1, cfg.num_constraints)
+    out = np.zeros_like(costs)
+    for i, cost in enumerate(costs):
+        mean, count = realised_cost_update(mean, count, cost[None], cfg)
+        out[i] = mean
+    return out
+
+
 def advantage_threshold(
     q_c: chex.Array, realised_cost: chex.Array, realised_episodes: chex.Array, cfg: CVPOConfig
 ) -> chex.Array:
@@ -143,11 +156,18 @@ def recovery_threshold(
 
 
 def lagrangian_update(
-    log_lambda: np.ndarray, episode_costs: np.ndarray, cfg: CVPOConfig
+    log_lambda: np.ndarray,
+    episode_costs: np.ndarray,
+    cfg: CVPOConfig,
+    running_means: np.ndarray | None = None,
 ) -> np.ndarray:
     """log lambda [M] after a sequence of finished episodes (the Lagrangian form).
 
-    Per episode, in the order they ended, with e = (C - limit) / max(limit, 1):
+    Per episode, in the order they ended, with e = (C - limit) / max(limit, 1), C the
+    episode's cost (`lagrangian_signal="episode"`) or the running mean of the
+    realised cost after it (`"mean"`, `running_means`; the clipped error of single
+    episodes settles above the limit when the costs are skewed, many near 0 and a few
+    far above, that of the mean where the mean is at the limit):
     - `lagrangian_scale="linear"`: lambda <- clip(lambda + lagrangian_lr * min(e,
       ERROR_CAP), lambda_bounds), dual ascent on the episode cost, linear in lambda
       so that it returns from its floor at the rate it left it;
@@ -160,13 +180,20 @@ def lagrangian_update(
     Args:
       log_lambda: [M] current log multipliers.
       episode_costs: [E, M] episodic costs of the finished episodes (E may be 0).
-      cfg: supplies cost_limit [M], lagrangian_lr, lagrangian_scale, lambda_bounds.
+      cfg: supplies cost_limit [M], lagrangian_lr, lagrangian_scale,
+        lagrangian_signal, lambda_bounds.
+      running_means: [E, M] the realised-cost running mean after each of those
+        episodes (`realised_cost_trace`); required with lagrangian_signal="mean".
 
     Returns:
       The new log lambda [M] (float32).
     """
     log_lam = np.asarray(log_lambda, np.float64)
     costs = np.asarray(episode_costs, np.float64).reshape(-1, cfg.num_constraints)
+    if cfg.lagrangian_signal == "mean":
+        if running_means is None:
+            raise ValueError("lagrangian_signal='mean' needs the running means")
+        costs = np.asarray(running_means, np.float64).reshape(costs.shape)
     limits = np.asarray(cfg.cost_limit, np.float64)
     lo, hi = cfg.lambda_bounds
     for cost in costs:

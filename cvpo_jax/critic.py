@@ -75,6 +75,7 @@ def make_critic_loss(
     reward members plus that of the cost members; aux holds both parts and mean Qs.
     With cost_bootstrap "data" the cost members bootstrap at the batch's
     `next_action` where `has_next_action` is 1 (the target policy's sample elsewhere).
+    With `networks.nonnegative_cost_q` the bootstrapped Q_c is clamped at 0.
     """
 
     def loss_fn(
@@ -101,6 +102,8 @@ def make_critic_loss(
             taken = jnp.where(batch.has_next_action[:, None] > 0, batch.next_action, next_action)
             next_q_data = networks.critic.apply(target_critic_params, batch.next_obs, taken)
             next_q_c = networks.split_critic_values(next_q_data)[1]
+        if networks.nonnegative_cost_q:
+            next_q_c = jnp.maximum(next_q_c, 0.0)
         y_r, y_c = td_targets(
             batch.reward,
             batch.cost,

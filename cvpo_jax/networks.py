@@ -134,6 +134,7 @@ class Networks:
     obs_size: int
     cost_aggregate: str = "max"
     cost_target_aggregate: str = "max"  # Of the TD target (see CVPOConfig).
+    nonnegative_cost_q: bool = False  # Q_c clamped at 0 wherever it is used (see CVPOConfig).
 
     @property
     def action_size(self) -> int:
@@ -163,9 +164,13 @@ class Networks:
 
     def pessimistic(self, q: chex.Array) -> tuple[chex.Array, chex.Array]:
         """[N, ...] member values -> min over reward members [...], cost members
-        combined by `cost_aggregate` (max by default) [..., M]."""
+        combined by `cost_aggregate` (max by default) [..., M], clamped at 0 with
+        `nonnegative_cost_q`."""
         q_r, q_c = self.split_critic_values(q)
-        return jnp.min(q_r, axis=0), jnp.moveaxis(cost_aggregate(q_c, self.cost_aggregate), 0, -1)
+        q_c = cost_aggregate(q_c, self.cost_aggregate)
+        if self.nonnegative_cost_q:
+            q_c = jnp.maximum(q_c, 0.0)
+        return jnp.min(q_r, axis=0), jnp.moveaxis(q_c, 0, -1)
 
     def pessimistic_q(self, critic_params, obs: chex.Array, action: chex.Array):
         """min over reward members [B(,K)], aggregated cost members [B(,K), M]."""
@@ -216,6 +221,7 @@ def make_networks(
         obs_size=int(obs_size),
         cost_aggregate=cfg.cost_aggregate,
         cost_target_aggregate=cfg.cost_target_aggregate or cfg.cost_aggregate,
+        nonnegative_cost_q=cfg.nonnegative_cost_q,
     )
 
 

@@ -42,6 +42,7 @@ from cvpo_jax.config import CVPOConfig, TrainConfig
 from cvpo_jax.constraint import (
     feedback_threshold_scale,
     lagrangian_update,
+    realised_cost_trace,
     realised_cost_update,
 )
 from cvpo_jax.learner import Learner, make_learner
@@ -434,7 +435,10 @@ def _apply_cost_feedback(state, episode_costs, algo: CVPOConfig):
         np.asarray(duals.realised_cost), float(duals.realised_episodes), costs, algo
     )
     if algo.constraint_form == "lagrangian":
-        log_lambda = lagrangian_update(np.asarray(duals.log_lambda), costs, algo)
+        trace = realised_cost_trace(
+            np.asarray(duals.realised_cost), float(duals.realised_episodes), costs, algo
+        )
+        log_lambda = lagrangian_update(np.asarray(duals.log_lambda), costs, algo, trace)
         duals = duals.replace(log_lambda=jnp.asarray(log_lambda))
     duals = duals.replace(
         log_threshold_scale=jnp.asarray(log_scale),

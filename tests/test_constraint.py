@@ -11,6 +11,7 @@ from cvpo_jax.constraint import (
     advantage_threshold,
     feedback_threshold_scale,
     lagrangian_update,
+    realised_cost_trace,
     realised_cost_update,
     recovery_threshold,
 )
@@ -216,6 +217,30 @@ def test_lagrangian_multiplier_on_the_log_scale_steps_by_the_clipped_error():
     np.testing.assert_allclose(np.exp(up), 1e-3 * np.exp(0.5), rtol=1e-5)
     ceiling = lagrangian_update(np.zeros(2), np.full((30, 2), 400.0), cfg)
     np.testing.assert_allclose(np.exp(ceiling), [3.0, 3.0], rtol=1e-5)
+
+
+def test_lagrangian_mean_signal_steps_by_the_running_mean_error():
+    cfg = CVPOConfig(
+        constraint_form="lagrangian",
+        lagrangian_scale="log",
+        lagrangian_signal="mean",
+        lagrangian_lr=0.1,
+        cost_limit=(20.0,),
+        realised_cost_episodes=2,
+        lambda_bounds=(1e-3, 3.0),
+    )
+    costs = np.array([[0.0], [60.0], [0.0], [40.0]])
+    # Running mean (plain mean of the first 2, then rate 1/2): 0, 30, 15, 27.5; its
+    # errors -1, 0.5, -0.25, 0.375: log lambda 0 -> -0.1 -> -0.05 -> -0.075 -> -0.0375.
+    means = realised_cost_trace(np.zeros(1), 0.0, costs, cfg)
+    np.testing.assert_allclose(means[:, 0], [0.0, 30.0, 15.0, 27.5])
+    out = lagrangian_update(np.zeros(1), costs, cfg, means)
+    np.testing.assert_allclose(out, [-0.0375], atol=1e-6)
+    # Per episode the same costs give -0.1 + 0.1 - 0.1 + 0.1 = 0 (both clipped at 1).
+    by_episode = lagrangian_update(np.zeros(1), costs, cfg.replace(lagrangian_signal="episode"))
+    np.testing.assert_allclose(by_episode, [0.0], atol=1e-6)
+    with pytest.raises(ValueError, match="running means"):
+        lagrangian_update(np.zeros(1), costs, cfg)
 
 
 def test_lagrangian_scale_rejects_unknown_names():

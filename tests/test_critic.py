@@ -104,6 +104,39 @@ def test_critic_loss_equals_an_independent_computation():
     np.testing.assert_allclose(float(loss), loss_r + loss_c, rtol=1e-5)
 
 
+def test_nonnegative_cost_q_clamps_the_target_and_the_estep_view():
+    """With nonnegative_cost_q the bootstrapped Q_c is max(Q_c, 0) (hand computation
+    with the target's cost outputs pushed below 0), and `pessimistic` clamps too."""
+    cfg, _, critic, target, policy, batch = _setup(num_constraints=1)
+    cfg = cfg.replace(nonnegative_cost_q=True)
+    nets = make_networks(cfg, 3, [-1.0, -1.0], [1.0, 1.0])
+    # The ensemble's last layer bias, lowered for the cost members only (2 and 3).
+    params = jax.tree.map(lambda x: x, target)
+    out = params["params"]["members"]["out"]
+    out["bias"] = out["bias"].at[2:].add(-5.0)
+    key = jax.random.PRNGKey(3)
+    loss, aux = make_critic_loss(nets, cfg.gamma)(critic, params, policy, batch, key)
+    from cvpo_jax.networks import policy_distribution
+
+    mean, tril = nets.policy.apply(policy, batch.next_obs)
+    a_next = jnp.clip(policy_distribution(mean, tril).sample(seed=key), -1.0, 1.0)
+    q_next = np.asarray(nets.critic.apply(params, batch.next_obs, a_next))
+    assert np.any(q_next[2:] < 0)  # the clamp matters
+    q_now = np.asarray(nets.critic.apply(critic, batch.obs, batch.action))
+    cont = 1.0 - np.asarray(batch.terminated)
+    y_c = np.asarray(batch.cost[:, 0]) + cfg.gamma * cont * np.maximum(
+        np.maximum(q_next[2], q_next[3]), 0.0
+    )
+    loss_c = np.mean([(q_now[i] - y_c) ** 2 for i in (2, 3)])
+    np.testing.assert_allclose(float(aux["critic_loss_cost"]), loss_c, rtol=1e-5)
+    q = jnp.array([[5.0], [6.0], [-1.0], [-3.0]])  # [N = 2 + 2, B=1]
+    np.testing.assert_allclose(nets.pessimistic(q)[1], [[0.0]])
+    plain = make_networks(cfg.replace(nonnegative_cost_q=False), 3, [-1.0, -1.0], [1.0, 1.0])
+    np.testing.assert_allclose(plain.pessimistic(q)[1], [[-1.0]])
+    with pytest.raises(ValueError, match="nonnegative_cost_q"):
+        CVPOConfig(nonnegative_cost_q=1)
+
+
 def test_critic_gradient_reaches_only_the_online_critic():
     cfg, nets, critic, target, policy, batch = _setup()
     loss_fn = make_critic_loss(nets, cfg.gamma)

@@ -219,18 +219,26 @@ def test_advantage_form_tracks_the_realised_episode_cost(tmp_path):
     assert all(r["qc_threshold"] != "" for r in rows if r["updates"] != "0")
 
 
-def test_lagrangian_form_moves_lambda_with_every_finished_episode(tmp_path):
+@pytest.mark.parametrize(("scale", "signal"), [("linear", "episode"), ("log", "mean")])
+def test_lagrangian_form_moves_lambda_with_every_finished_episode(tmp_path, scale, signal):
     """lambda after training is the Lagrangian update over every finished episode's
-    cost in the order they ended, from lambda_init (the updates leave it alone)."""
-    from cvpo_jax.constraint import lagrangian_update
+    cost (or the running mean after it) in the order they ended, from lambda_init
+    (the updates leave it alone)."""
+    from cvpo_jax.constraint import lagrangian_update, realised_cost_trace
 
-    algo = ALGO.replace(constraint_form="lagrangian", lagrangian_lr=0.02)
+    algo = ALGO.replace(
+        constraint_form="lagrangian",
+        lagrangian_lr=0.02,
+        lagrangian_scale=scale,
+        lagrangian_signal=signal,
+    )
     env = _CostRecorder(num_envs=CFG.num_envs)
     result = train(CFG, algo, tmp_path / "lag", progress=False, env_factory=lambda _: env)
     assert result.status == "completed" and result.updates > 0
     _, state, _ = restore_state(result.run_dir)
     costs = np.asarray(env.finished_costs).reshape(-1, 1)
-    expected = lagrangian_update(np.log([algo.lambda_init]), costs, algo)
+    means = realised_cost_trace(np.zeros(1), 0.0, costs, algo)
+    expected = lagrangian_update(np.log([algo.lambda_init]), costs, algo, means)
     assert abs(float(expected[0])) > 1e-3  # the episodes moved it
     np.testing.assert_allclose(state.estep_duals.log_lambda, expected, rtol=1e-5, atol=1e-6)
 
