@@ -152,7 +152,9 @@ def pretrain_critics(learner: Learner, replay, state, buffer_state, key, num_upd
 
 
 class _StopFlag:
-    """SIGINT handler: the first Ctrl-C asks the loop to stop, the second interrupts."""
+    """SIGINT and SIGTERM handler: the first asks the loop to stop (it saves a
+    checkpoint and closes the envs), the second interrupts. SIGTERM is what `kill`
+    and job schedulers send; without a handler it would end the process at once."""
 
     def __init__(self):
         self.requested = False
@@ -165,14 +167,15 @@ class _StopFlag:
     @contextlib.contextmanager
     def installed(self):
         try:
-            previous = signal.signal(signal.SIGINT, self)
+            previous = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
         except ValueError:  # Not the main thread: leave signals alone.
             yield self
             return
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:

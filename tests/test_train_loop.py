@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import signal
 
 import chex
 import jax
@@ -121,8 +122,9 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
 
 
-def test_ctrl_c_saves_and_resume_finishes(tmp_path):
-    result, env = run(tmp_path, "int", sigint_after=260)
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_kill_saves_and_resume_finishes(tmp_path, stop_signal):
+    result, env = run(tmp_path, "int", sigint_after=260, stop_signal=stop_signal)
     assert result.status == "interrupted"
     # The chunk in progress (250-300) is dropped: the checkpoint holds whole chunks.
     assert result.env_steps == 250
