@@ -105,10 +105,68 @@ def test_names_prefix_and_errors():
     assert resolve_env_id("mjx/pointgoal1") == "mjx/PointGoal1"
     assert is_jax_env("mjx/PointGoal1") and is_jax_env("brax/AntVelocity")
     assert not is_jax_env("SafetyPointGoal1-v0")
-    assert list_env_ids("mjx") == ["mjx/PointGoal0", "mjx/PointGoal1", "mjx/PointGoal2"]
-    with pytest.raises(ValueError, match="CarGoal1 is not ported to JAX yet"):
-        resolve_env_id("mjx/CarGoal1")
+    assert resolve_env_id("mjx/cargoal1") == "mjx/CarGoal1"
+    robots = ("Point", "Car")
+    assert list_env_ids("mjx") == sorted(f"mjx/{r}Goal{lv}" for r in robots for lv in range(3))
+    with pytest.raises(ValueError, match="CarButton1 is not ported to JAX yet"):
+        resolve_env_id("mjx/CarButton1")
     with pytest.raises(ValueError, match="Did you mean mjx/PointGoal1"):
         resolve_env_id("mjx/PointGoa1")
     with pytest.raises(ValueError, match="runs on MJX only"):
         make_jax_env("mjx/PointGoal1", backend="spring")
+
+
+def test_quat_to_matrix_matches_mujoco():
+    import mujoco
+
+    from cvpo_jax.envs.nav_env import quat_to_matrix
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        q = rng.normal(size=4)
+        q /= np.linalg.norm(q)
+        expected = np.zeros(9)
+        mujoco.mju_quat2Mat(expected, q)
+        got = quat_to_matrix(jnp.asarray(q, jnp.float32))
+        np.testing.assert_allclose(np.asarray(got).ravel(), expected, atol=1e-6)
+
+
+def test_car_wheel_colliders_trace_the_wheels_and_route_contacts():
+    """Each Car wheel's prism has its cylinder's pose and radius (vertices on the rim,
+    at the two faces), adds no mass, and meets boxes of the world only, while the
+    cylinder meets the floor only: the pairs MuJoCo would collide, by contact bits."""
+    import mujoco
+
+    from cvpo_jax.envs.nav_task import normalised_model
+
+    spec = load_nav_task("CarGoal1")
+    model, plain = normalised_model(spec), mujoco.MjModel.from_xml_string(spec.xml)
+    np.testing.assert_allclose(model.body_mass, plain.body_mass)
+    np.testing.assert_allclose(model.body_inertia, plain.body_inertia)
+    data = mujoco.MjData(model)
+    mujoco.mj_forward(model, data)
+
+    def collides(a, b):
+        ga, gb = model.geom(a).id, model.geom(b).id
+        ct, ca = model.geom_contype, model.geom_conaffinity
+        return bool(ct[ga] & ca[gb] or ct[gb] & ca[ga])
+
+    for wheel in ("left", "right"):
+        prism = f"{wheel}_box_collider"
+        cyl, pri = data.geom(wheel), data.geom(prism)
+        mesh = model.geom(prism).dataid[0]
+        start, count = model.mesh_vertadr[mesh], model.mesh_vertnum[mesh]
+        world = pri.xpos + model.mesh_vert[start : start + count] @ pri.xmat.reshape(3, 3).T
+        local = (world - cyl.xpos) @ cyl.xmat.reshape(3, 3)
+        radius, half = model.geom_size[model.geom(wheel).id][:2]
+        np.testing.assert_allclose(np.linalg.norm(local[:, :2], axis=1), radius, rtol=1e-6)
+        np.testing.assert_allclose(np.abs(local[:, 2]), half, rtol=1e-6)
+        assert collides(wheel, "floor") and not collides(wheel, "vase0")
+        assert collides(prism, "vase0") and not collides(prism, "floor")
+        assert not collides(prism, "agent") and not collides(prism, "left_box_collider")
+    # Everything else collides as in Safety-Gymnasium's model.
+    for a, b in (("agent", "vase0"), ("rear", "floor"), ("vase0", "floor"), ("agent", "floor")):
+        assert collides(a, b)
+    # The Point has no cylinder to substitute: its model is Safety-Gymnasium's.
+    point = load_nav_task("PointGoal1")
+    assert normalised_model(point).ngeom == mujoco.MjModel.from_xml_string(point.xml).ngeom

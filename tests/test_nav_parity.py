@@ -1,4 +1,5 @@
-"""The JAX PointGoal task against Safety-Gymnasium itself, on the same layout and actions.
+"""The JAX Goal tasks (Point, Car) against Safety-Gymnasium itself, on the same layout
+and actions.
 
 The Point robot's planar dynamics with sliding and turning are chaotic: MuJoCo run
 twice from the same state, once with the yaw velocity moved by 1e-9, agrees to
@@ -16,10 +17,33 @@ No port can match a trajectory pointwise beyond that horizon, so the test checks
    plus a floor, rewards likewise, and the costs agree on as many steps, less 3
    points, as the perturbed MuJoCo's do.
 
+The Car is held to the exact window (1) and to weaker checks after it, because MJX
+and MuJoCo resolve its wheels' line contact with the floor differently: a wheel
+lying on the floor touches it along a segment, at distances of +-1e-17, and which
+points of it the two engines keep depends on round-off. From a reset the two agree
+exactly when their contact sets agree (resets of seeds 0-9: 0, 3 and 6) and through
+the first ~17 steps of the arranged run, but over 300 steps the contact-force
+sensors (accelerometer, the rear ball's angular velocity) chatter apart (90th
+percentiles of |MJX - MuJoCo| 9.1 m/s^2 and 2.9 rad/s; MuJoCo perturbed by 1e-9:
+0), while the robot's path stays the task's: heading (magnetometer) 0.04 and
+velocity 0.09 m/s apart, the same goals reached and the same cost on every step.
+The checks after the window are therefore:
+
+2'. the 300-step controller run (seed 6): costs equal on >= 97% of steps, each
+   of Safety-Gymnasium's goals reached within 3 steps, magnetometer and velocimeter
+   90th percentiles <= 0.15;
+3. a vase set beside the Car's path so that only a wheel touches it as the Car
+   drives straight past (in Safety-Gymnasium a wheel's distance to the vase
+   reaches 0 while the rest of the robot stays >= 3 mm away), the one pair that
+   meets the prism collider: the JAX vase is pushed too (measured: 0.24 m against
+   Safety-Gymnasium's 0.33; the prism in MuJoCo itself gives 0.31), at least half
+   as far, and ends within 0.15 m of Safety-Gymnasium's.
+
 Where Safety-Gymnasium re-places the goal, the JAX run is given the same new goal.
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -32,16 +56,29 @@ from cvpo_jax.envs.nav_task import load_nav_task, make_safety_gym_env
 
 pytestmark = pytest.mark.slow
 
-PARTS = {"accelerometer": slice(0, 3), "velocimeter": slice(3, 6), "gyro": slice(6, 9)}
-PARTS |= {"magnetometer": slice(9, 12), "lidar": slice(12, None)}
-NAME = "PointGoal1"
-STEPS = 300  # both tests: one compiled scan
+STEPS = 300  # every window: one compiled scan per robot
 
 
-@pytest.fixture(scope="module")
-def x64_env():
-    with jax.enable_x64(True):
-        yield SafeNavEnv(load_nav_task(NAME))
+def parts(spec):
+    """Observation column slices by part (each sensor; the lidars together)."""
+    out, start = {}, 0
+    for key, size in spec.obs_parts:
+        name = "lidar" if key.endswith("_lidar") else key
+        prev = out.get(name, slice(start, start))
+        out[name] = slice(prev.start, start + size)
+        start += size
+    return out
+
+
+def heading(task):
+    """The robot's forward direction [2] in the world (the Car drives along -y)."""
+    mat = task.agent.mat
+    return mat[:2, 0] if type(task.agent).__name__ == "Point" else -mat[:2, 1]
+
+
+def yaw_rate_dof(task):
+    """The velocity entry of the robot's yaw (slide, slide, hinge; or a free joint)."""
+    return 2 if type(task.agent).__name__ == "Point" else 5
 
 
 def _layout(task, spec):
@@ -55,37 +92,83 @@ def _layout(task, spec):
 
 
 def _controller(task, rng, noise):
-    ego = (np.r_[task.goal.pos[:2] - task.agent.pos[:2], 0.0] @ task.agent.mat)[:2]
-    err = np.arctan2(ego[1], ego[0])
-    action = np.array([0.8 if abs(err) < 0.4 else 0.05, np.clip(2 * err, -1, 1)])
+    """Turn toward the goal, drive when roughly facing it (Point: forward and turn
+    actuators; Car: left and right wheels)."""
+    h, to_goal = heading(task), task.goal.pos[:2] - task.agent.pos[:2]
+    err = np.arctan2(h[0] * to_goal[1] - h[1] * to_goal[0], h @ to_goal)
+    if type(task.agent).__name__ == "Point":
+        action = np.array([0.8 if abs(err) < 0.4 else 0.05, np.clip(2 * err, -1, 1)])
+    else:
+        drive, turn = (0.8 if abs(err) < 0.4 else 0.0), np.clip(1.5 * err, -1, 1)
+        action = np.array([drive + turn, drive - turn])
     return np.clip(action + rng.normal(0, noise, 2), -1, 1)
 
 
-def _arrange(task):
-    """Hazard 0 and the goal straight ahead of the robot, 0.3 m and 0.6 m away."""
-    heading, pos = task.agent.mat[:2, 0], task.agent.pos[:2]
-    task.model.body_pos[task.model.body("hazard0").id][:2] = pos + 0.3 * heading
-    task.world_info.layout["hazard0"] = pos + 0.3 * heading
-    goal = pos + 0.6 * heading
+def _set_goal(task, goal):
     task.world_info.layout["goal"] = goal.copy()
     task._set_goal(goal)  # noqa: SLF001 - Safety-Gymnasium's own way to move the goal
     mujoco.mj_forward(task.model, task.data)
     task.last_dist_goal = task.dist_goal()
 
 
-def reference(spec, seed, steps, actions=None, perturb=0.0, arrange=False, noise=0.1):
+def _arrange(task):
+    """Hazard 0 and the goal straight ahead of the robot, 0.3 m and 0.6 m away."""
+    h, pos = heading(task), task.agent.pos[:2]
+    task.model.body_pos[task.model.body("hazard0").id][:2] = pos + 0.3 * h
+    task.world_info.layout["hazard0"] = pos + 0.3 * h
+    _set_goal(task, pos + 0.6 * h)
+
+
+VASE_AHEAD, VASE_BESIDE = 0.45, 0.25  # m: the Car's wheel (not its body) meets the vase
+
+
+def _arrange_vase(task):
+    """Vase 0 aligned with the robot, ahead and to the side, the goal far ahead."""
+    h, pos = heading(task), task.agent.pos[:2]
+    model, data = task.model, task.data
+    adr = model.jnt_qposadr[model.joint("vase0").id]
+    yaw = np.arctan2(h[1], h[0])
+    data.qpos[adr : adr + 2] = pos + VASE_AHEAD * h + VASE_BESIDE * np.array([-h[1], h[0]])
+    data.qpos[adr + 3 : adr + 7] = [np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)]
+    task.world_info.world_config_dict["free_geoms"]["vase0"]["rot"] = yaw
+    _set_goal(task, pos + 0.9 * h)
+
+
+VASE_WINDOW = 40
+WHEELS = ("left", "right")
+
+
+def _vase_distances(task):
+    """(least distance of a wheel, of the rest of the robot) to vase 0 now."""
+    model, data = task.model, task.data
+    vase, agent = model.geom("vase0").id, model.body("agent").id
+    robot = [g for g in range(model.ngeom) if model.body_rootid[model.geom_bodyid[g]] == agent]
+    robot = [g for g in robot if model.geom_contype[g] or model.geom_conaffinity[g]]
+    fromto = np.zeros(6)
+    wheel, rest = np.inf, np.inf
+    for g in robot:
+        dist = mujoco.mj_geomDistance(model, data, g, vase, 1.0, fromto)
+        if model.geom(g).name in WHEELS:
+            wheel = min(wheel, dist)
+        else:
+            rest = min(rest, dist)
+    return wheel, rest
+
+
+def reference(spec, seed, steps, actions=None, perturb=0.0, arrange=None, noise=0.1):
     """Safety-Gymnasium's run: the initial layout and per-step records."""
     env = make_safety_gym_env(spec.name)
     env.reset(seed=seed)
     task = env.unwrapped.task
     if arrange:
-        _arrange(task)
+        arrange(task)
     layout = _layout(task, spec)
     if perturb:
-        task.data.qvel[2] += perturb
+        task.data.qvel[yaw_rate_dof(task)] += perturb
         mujoco.mj_forward(task.model, task.data)
     rng = np.random.default_rng(seed)
     rec = {"obs": [], "reward": [], "cost": [], "goal": [], "goal_met": [], "action": []}
+    rec |= {"vase_xy": [], "vase_dist": []}
     for k in range(steps):
         action = _controller(task, rng, noise) if actions is None else actions[k]
         obs, reward, cost, _, _, info = env.step(np.asarray(action, np.float64))
@@ -95,6 +178,8 @@ def reference(spec, seed, steps, actions=None, perturb=0.0, arrange=False, noise
         rec["goal"].append(task.goal.pos[:2].copy())
         rec["goal_met"].append(bool(info.get("goal_met", False)))
         rec["action"].append(np.asarray(action))
+        rec["vase_xy"].append(task.vases.pos[0][:2].copy() if spec.num_vases else np.zeros(2))
+        rec["vase_dist"].append(_vase_distances(task) if spec.num_vases else (np.inf, np.inf))
     env.close()
     return layout, {k: np.asarray(v) for k, v in rec.items()}
 
@@ -111,7 +196,8 @@ def _scan(env):
             last_dist=jnp.where(moved, jnp.linalg.norm(goal - agent_xy), state.last_dist),
             obs=env.observation(state.data, goal, state.hazards_xy),
         )
-        return state, (state.obs, state.reward, state.cost)
+        vase_xy = env.vases_xy(state.data)[0] if env.spec.num_vases else jnp.zeros(2)
+        return state, (state.obs, state.reward, state.cost, vase_xy)
 
     return jax.jit(lambda s, a, g: jax.lax.scan(body, s, (a, g))[1])
 
@@ -120,19 +206,43 @@ def jax_run(env, layout, actions, goals):
     """The JAX task from the same layout, given the reference's goal after every step."""
     xy, yaw, vase_yaws = (jnp.asarray(x) for x in layout)
     state = env.reset_from_layout(jax.random.PRNGKey(0), xy, yaw, vase_yaws, xy[1])
-    obs, reward, cost = _scan(env)(state, jnp.asarray(actions), jnp.asarray(goals))
-    return {"obs": np.asarray(obs), "reward": np.asarray(reward), "cost": np.asarray(cost)}
+    out = _scan(env)(state, jnp.asarray(actions), jnp.asarray(goals))
+    return {
+        k: np.asarray(v) for k, v in zip(("obs", "reward", "cost", "vase_xy"), out, strict=True)
+    }
 
 
-def test_parity_with_safety_gymnasium(x64_env):
-    """Both windows in one test: the float64 scan takes minutes to compile and seconds
-    to run, and pytest workers do not share compilations."""
-    spec = x64_env.spec
-    layout, ref = reference(spec, seed=5, steps=STEPS, arrange=True, noise=0.0)
-    check_exact_window(ref, jax_run(x64_env, layout, ref["action"], ref["goal"]))
-    layout, ref = reference(spec, seed=3, steps=STEPS)
-    _, twin = reference(spec, seed=3, steps=STEPS, actions=ref["action"], perturb=1e-9)
-    check_long_run(ref, jax_run(x64_env, layout, ref["action"], ref["goal"]), twin)
+# (task, seed of the arranged run, seed of the long run): seeds whose long run reaches
+# a goal and crosses a hazard.
+# The Car's case compiles its own float64 scan (~3-4 min on 2 cores), which would take
+# `make test` past its 15-minute budget; it runs with CVPO_CAR_PARITY=1.
+CAR_PARITY = pytest.mark.skipif(
+    not os.environ.get("CVPO_CAR_PARITY"),
+    reason="the Car's parity compiles for minutes: run with CVPO_CAR_PARITY=1",
+)
+CASES = [("PointGoal1", 5, 3), pytest.param("CarGoal1", 3, 6, marks=CAR_PARITY)]
+
+
+@pytest.mark.parametrize(("name", "arranged_seed", "long_seed"), CASES)
+def test_parity_with_safety_gymnasium(name, arranged_seed, long_seed):
+    """Every window of a robot in one test: the float64 scan takes minutes to compile
+    and seconds to run, and pytest workers do not share compilations."""
+    with jax.enable_x64(True):
+        env = SafeNavEnv(load_nav_task(name))
+        spec = env.spec
+        layout, ref = reference(spec, arranged_seed, STEPS, arrange=_arrange, noise=0.0)
+        check_exact_window(ref, jax_run(env, layout, ref["action"], ref["goal"]))
+        if spec.robot == "Car":
+            straight = np.tile([0.8, 0.8], (STEPS, 1))
+            layout, ref = reference(spec, arranged_seed, STEPS, straight, arrange=_arrange_vase)
+            check_wheel_meets_vase(ref, jax_run(env, layout, ref["action"], ref["goal"]))
+        layout, ref = reference(spec, long_seed, STEPS)
+        got = jax_run(env, layout, ref["action"], ref["goal"])
+        if spec.robot == "Car":
+            check_car_path(spec, ref, got)
+        else:
+            _, twin = reference(spec, long_seed, STEPS, actions=ref["action"], perturb=1e-9)
+            check_long_run(spec, ref, got, twin)
 
 
 def check_exact_window(ref, got):
@@ -147,14 +257,40 @@ def check_exact_window(ref, got):
     assert np.any(ref["goal"][met[0]] != ref["goal"][0])  # the goal did move
 
 
-def check_long_run(ref, got, twin):
+def check_wheel_meets_vase(ref, got):
+    """A wheel alone pushes the vase aside: the same in both (the prism collider)."""
+    w = VASE_WINDOW
+    wheel, rest = ref["vase_dist"][:w, 0], ref["vase_dist"][:w, 1]
+    assert wheel.min() <= 0.0 and rest.min() >= 3e-3, (wheel.min(), rest.min())
+    moved = np.linalg.norm(ref["vase_xy"][w - 1] - ref["vase_xy"][0])
+    ours = np.linalg.norm(got["vase_xy"][w - 1] - got["vase_xy"][0])
+    assert moved > 0.1 and ours >= 0.5 * moved, (moved, ours)  # pushed in both
+    assert np.linalg.norm(got["vase_xy"][w - 1] - ref["vase_xy"][w - 1]) <= 0.15
+
+
+def check_car_path(spec, ref, got):
+    """The Car's 300 steps after the exact window: the same task events, close paths."""
+    assert ref["goal_met"].sum() >= 1 and ref["cost"].sum() >= 1  # events happened
+    assert np.mean(got["cost"] == ref["cost"]) >= 0.97
+    # Every goal Safety-Gymnasium's robot reaches, the JAX robot reaches within 3 steps
+    # of it (the JAX run is handed the reference's goals, so it may count one twice).
+    ours = np.flatnonzero(got["reward"] > 0.5 * spec.reward_goal)
+    theirs = np.flatnonzero(ref["goal_met"])
+    assert all(np.abs(ours - k).min() <= 3 for k in theirs), (ours, theirs)
+    cols = parts(spec)
+    for part in ("magnetometer", "velocimeter"):
+        err = np.abs(got["obs"][:, cols[part]] - ref["obs"][:, cols[part]]).max(axis=1)
+        assert np.percentile(err, 90) <= 0.15, (part, np.percentile(err, 90))
+
+
+def check_long_run(spec, ref, got, twin):
     """300 steps: as close to Safety-Gymnasium as MuJoCo perturbed by 1e-9 is."""
     assert ref["goal_met"].sum() >= 1 and ref["cost"].sum() >= 1  # events happened
 
     def p90(a, b):
         return np.percentile(np.abs(a - b).max(axis=1) if a.ndim == 2 else np.abs(a - b), 90)
 
-    for part, cols in PARTS.items():
+    for part, cols in parts(spec).items():
         ours = p90(got["obs"][:, cols], ref["obs"][:, cols])
         mujoco_self = p90(twin["obs"][:, cols], ref["obs"][:, cols])
         assert ours <= 3.0 * mujoco_self + 1e-3, (part, ours, mujoco_self)

@@ -1,4 +1,4 @@
-"""Safety-Gymnasium's Point navigation tasks in JAX on MuJoCo MJX: pure, vmappable.
+"""Safety-Gymnasium's navigation tasks (Point, Car) in JAX on MuJoCo MJX: pure, vmappable.
 
 `SafeNavEnv` runs a task read by `nav_task.load_nav_task` with the same observation
 vector (size and order), reward and cost as Safety-Gymnasium, so one policy runs in
@@ -14,6 +14,9 @@ Where the port differs from Safety-Gymnasium (all stated in the README):
   ~20 steps, then drift apart by millimetres to centimetres (contact and friction
   solve differently in detail), so observations agree within the parity test's
   tolerances, not exactly;
+- the Car's wheels meet the vases through a 16-sided prism collider (MJX has no
+  cylinder-box collision; `nav_task.wheel_colliders`), at most 0.2 mm inside the
+  wheel's surface;
 - layout sampling uses a bounded number of draws (`nav_geometry`), and the goal's
   re-placement on arrival draws GOAL_TRIES candidates instead of up to 10,000;
 - Safety-Gymnasium draws one random number per step for its frame skip (always 10);
@@ -72,12 +75,25 @@ class NavState:
         return jnp.maximum(self.terminated, self.truncated)
 
 
+def quat_to_matrix(q: chex.Array) -> chex.Array:
+    """The rotation matrix [3, 3] of a unit quaternion [4] (w, x, y, z), as MuJoCo's
+    `mju_quat2Mat` (which Safety-Gymnasium applies to ball-joint sensors)."""
+    w, x, y, z = q[0], q[1], q[2], q[3]
+    return jnp.stack(
+        [
+            jnp.stack([w * w + x * x - y * y - z * z, 2 * (x * y - w * z), 2 * (x * z + w * y)]),
+            jnp.stack([2 * (x * y + w * z), w * w - x * x + y * y - z * z, 2 * (y * z - w * x)]),
+            jnp.stack([2 * (x * z - w * y), 2 * (y * z + w * x), w * w - x * x - y * y + z * z]),
+        ]
+    )
+
+
 def _quat_z(yaw: chex.Array) -> chex.Array:
     return jnp.stack([jnp.cos(yaw / 2), jnp.zeros_like(yaw), jnp.zeros_like(yaw), jnp.sin(yaw / 2)])
 
 
 class SafeNavEnv:
-    """A Safety-Gymnasium Point navigation task (Goal, levels 0-2) on MJX.
+    """A Safety-Gymnasium navigation task (Point or Car, Goal, levels 0-2) on MJX.
 
     Attributes: name ("PointGoal1"), spec (`NavTaskSpec`), env_id ("mjx/PointGoal1"),
     episode_length, observation_size O, action_size A, action_low / action_high [A].
@@ -86,8 +102,8 @@ class SafeNavEnv:
     backend = "mjx"
 
     def __init__(self, spec: NavTaskSpec, episode_length: int | None = None):
-        if spec.robot != "Point":
-            raise NotImplementedError(f"{spec.name}: only the Point robot is ported")
+        if spec.robot not in ("Point", "Car"):
+            raise NotImplementedError(f"{spec.name}: the {spec.robot} robot is not ported")
         self.spec = spec
         self.name = spec.name
         self.episode_length = int(episode_length or spec.episode_length)
@@ -101,10 +117,15 @@ class SafeNavEnv:
         vase_joints = [m.body_jntadr[b] for b in self.vase_bodies]
         self.vase_qpos = np.asarray([m.jnt_qposadr[j] for j in vase_joints], int)
         self.vase_dof = np.asarray([m.jnt_dofadr[j] for j in vase_joints], int)
+        # The Point's joints are slide x, slide y, hinge z (qpos = x, y, yaw); the Car's
+        # is a free joint (qpos = x, y, z, quaternion), its wheels' and ball at rest.
+        agent_joint = m.body_jntadr[self.agent_body]
+        self.agent_free = int(m.jnt_type[agent_joint]) == int(mujoco.mjtJoint.mjJNT_FREE)
         self.sensor_slices = []
         for name in spec.sensors:
             sensor = m.sensor(name)
-            self.sensor_slices.append((int(sensor.adr[0]), int(sensor.dim[0])))
+            as_matrix = name in spec.quat_sensors
+            self.sensor_slices.append((int(sensor.adr[0]), int(sensor.dim[0]), as_matrix))
         self.observation_size = spec.observation_size
         self.action_size = int(m.nu)
         self.action_low = m.actuator_ctrlrange[:, 0].astype(np.float32)
@@ -141,7 +162,12 @@ class SafeNavEnv:
         """The flat observation [O] in Safety-Gymnasium's order (sensors, then lidars)."""
         pos, mat = self.agent_frame(data)
         groups = {"goal": goal_xy[None], "hazards": hazards_xy, "vases": self.vases_xy(data)}
-        parts = [data.sensordata[adr : adr + dim] for adr, dim in self.sensor_slices]
+        parts = [
+            quat_to_matrix(data.sensordata[adr : adr + dim]).ravel()
+            if as_matrix
+            else data.sensordata[adr : adr + dim]
+            for adr, dim, as_matrix in self.sensor_slices
+        ]
         s = self.spec
         for group in s.lidar_groups:
             ego = geo.ego_xy(groups[group], pos, mat)
@@ -200,7 +226,12 @@ class SafeNavEnv:
         """MJX data at rest for a layout [2 + H + V, 2] in placement order (forward run)."""
         s = self.spec
         qpos = jnp.asarray(self._data0.qpos)
-        qpos = qpos.at[0:3].set(jnp.concatenate([layout[0], agent_yaw[None]]))
+        if self.agent_free:
+            height = qpos[2:3]  # the body's resting height from the robot's XML
+            pose = jnp.concatenate([layout[0], height, _quat_z(agent_yaw)])
+            qpos = qpos.at[0:7].set(pose.astype(qpos.dtype))
+        else:
+            qpos = qpos.at[0:3].set(jnp.concatenate([layout[0], agent_yaw[None]]))
         vases = layout[2 + s.num_hazards :]
         for i in range(s.num_vases):
             z = s.vase_size - s.vase_sink

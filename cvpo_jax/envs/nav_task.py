@@ -33,14 +33,12 @@ import numpy as np
 from cvpo_jax.envs.registry import NAV_BACKEND
 
 PREFIX = NAV_BACKEND  # the registry's prefix of these tasks
-ROBOTS = ("Point",)
+ROBOTS = ("Point", "Car")
 TASKS = ("Goal",)
 LEVELS = (0, 1, 2)
 TASK_NAMES = tuple(f"{r}{t}{lv}" for r in ROBOTS for t in TASKS for lv in LEVELS)
 # Not yet ported (named here so that a request gets a precise error).
-PLANNED = ("CarGoal0", "CarGoal1", "CarGoal2") + tuple(
-    f"{r}Button{lv}" for r in ("Point", "Car") for lv in LEVELS
-)
+PLANNED = tuple(f"{r}Button{lv}" for r in ROBOTS for lv in LEVELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +48,9 @@ class NavTaskSpec:
     Positions are in the world's xy plane; `keepout_*` are placement radii.
     `placement_order` names the layout's entries in sampling order ("agent",
     "goal", "hazard0", ..., "vase0", ...); `obs_parts` the observation's parts in
-    order with their sizes; `sensors` the robot sensors (MuJoCo sensor names).
+    order with their sizes; `sensors` the robot sensors (MuJoCo sensor names);
+    `quat_sensors` those among them (ball joints' quaternions) that Safety-Gymnasium
+    reports as a flattened 3x3 rotation matrix.
     """
 
     name: str
@@ -80,6 +80,7 @@ class NavTaskSpec:
     lidar_alias: bool
     lidar_groups: tuple[str, ...]
     sensors: tuple[str, ...]
+    quat_sensors: tuple[str, ...]
     obs_parts: tuple[tuple[str, int], ...]
     frame_skip: int
     episode_length: int
@@ -159,6 +160,11 @@ def _spec_from_task(name: str, task) -> NavTaskSpec:
         if ob is not None
         for i in range(ob.num)
     )
+    info = task.agent.sensor_info
+    if info.hinge_pos_names or info.freejoint_pos_name or info.freejoint_qvel_name:
+        raise NotImplementedError(f"{name}: hinge or free-joint position sensors are not ported")
+    if not task.agent.sensor_conf.sensors_angle_components:
+        raise NotImplementedError(f"{name}: raw ball-joint quaternions are not ported")
     if placement_order != expected_order:
         raise NotImplementedError(f"{name}: placement order {placement_order} is not ported")
     if any(region is not None for region, _ in task.placements_conf.placements.values()):
@@ -191,11 +197,28 @@ def _spec_from_task(name: str, task) -> NavTaskSpec:
         lidar_alias=bool(lidar.alias),
         lidar_groups=lidar_groups,
         sensors=sensors,
+        quat_sensors=tuple(info.ballquat_names),
         obs_parts=obs_parts,
         frame_skip=int(task.sim_conf.frameskip_binom_n),
         episode_length=int(task.num_steps),
         xml=task.world.xml_string,
     )
+
+
+# The Car's wheels are cylinders; MJX has no (cylinder, box) collision, so a wheel
+# cannot touch a vase (a box). Each wheel gets a massless collider for boxes: a
+# prism over a regular WHEEL_PRISM_SIDES-gon inscribed in the wheel's circle (at
+# most r (1 - cos(pi / n)) = 0.2 mm inside it for r = 0.05 m), with the wheel's
+# length and contact parameters. Contact bits route the pairs (MuJoCo collides two
+# geoms when contype_1 & conaffinity_2 or contype_2 & conaffinity_1 is nonzero):
+# the cylinder meets only the floor, the prism only boxes of the world (the vases),
+# everything else as before. Pairs dropped: the wheels with the car's own rear ball
+# and with each other, which are rigidly apart and never touch.
+WHEEL_PRISM_SIDES = 16
+_FLOOR_BITS = (3, 1)  # contype, conaffinity
+_WHEEL_BITS = (0, 2)  # the cylinder: floor only
+_PRISM_BITS = (0, 4)  # the prism: world boxes only
+_BOX_CONTYPE = 5  # world boxes (vases): as before, plus the prisms
 
 
 def normalised_model(spec: NavTaskSpec) -> mujoco.MjModel:
@@ -204,10 +227,77 @@ def normalised_model(spec: NavTaskSpec) -> mujoco.MjModel:
 
     Safety-Gymnasium compiles a new model per reset with the robot body placed and
     rotated there and its joints at 0. For the Point (slide x, slide y, hinge z, all
-    isotropic) a body at the origin with qpos = (x, y, yaw) is the same system.
+    isotropic) a body at the origin with qpos = (x, y, yaw) is the same system; the
+    Car's free joint ignores the body's pose (qpos holds it). Cylinders of the robot
+    that can touch a box get the box collider above (`wheel_colliders`).
     """
-    model = mujoco.MjModel.from_xml_string(spec.xml)
+    model = wheel_colliders(spec.xml)
     agent = model.body("agent").id
     model.body_pos[agent] = [0.0, 0.0, model.body_pos[agent][2]]
     model.body_quat[agent] = [1.0, 0.0, 0.0, 0.0]
     return model
+
+
+def _subtree(model: mujoco.MjModel, root: int) -> set[int]:
+    bodies = {root}
+    for b in range(model.nbody):
+        p = b
+        while p > 0 and p not in bodies:
+            p = model.body_parentid[p]
+        if p in bodies:
+            bodies.add(b)
+    return bodies
+
+
+def wheel_colliders(xml: str) -> mujoco.MjModel:
+    """The model of `xml` with a prism collider per colliding robot cylinder (see
+    above); the plain model when the robot has none (the Point)."""
+    model = mujoco.MjModel.from_xml_string(xml)
+    cyl, box, plane = (mujoco.mjtGeom.mjGEOM_CYLINDER, mujoco.mjtGeom.mjGEOM_BOX, 0)
+    robot = _subtree(model, model.body("agent").id)
+    collides = (model.geom_contype != 0) | (model.geom_conaffinity != 0)
+    wheels = [
+        g
+        for g in range(model.ngeom)
+        if model.geom_bodyid[g] in robot and model.geom_type[g] == cyl and collides[g]
+    ]
+    if not wheels:
+        return model
+    spec = mujoco.MjSpec.from_string(xml)
+    for g in range(model.ngeom):
+        geom = spec.geom(model.geom(g).name) if model.geom(g).name else None
+        if geom is None or not collides[g]:
+            continue
+        if model.geom_type[g] == plane:
+            geom.contype, geom.conaffinity = _FLOOR_BITS
+        elif model.geom_type[g] == box and model.geom_bodyid[g] not in robot:
+            geom.contype = _BOX_CONTYPE
+    for g in wheels:
+        name = model.geom(g).name
+        radius, half = (float(x) for x in model.geom_size[g][:2])
+        angles = 2 * np.pi * np.arange(WHEEL_PRISM_SIDES) / WHEEL_PRISM_SIDES
+        ring = np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
+        verts = np.concatenate(
+            [np.c_[ring, np.full(len(ring), -half)], np.c_[ring, np.full(len(ring), half)]]
+        )
+        mesh = spec.add_mesh()
+        mesh.name = f"{name}_box_collider"
+        mesh.uservert = verts.ravel().tolist()
+        wheel = spec.geom(name)
+        wheel.contype, wheel.conaffinity = _WHEEL_BITS
+        body = spec.body(model.body(model.geom_bodyid[g]).name)
+        prism = body.add_geom()
+        prism.name = f"{name}_box_collider"
+        prism.type = mujoco.mjtGeom.mjGEOM_MESH
+        prism.meshname = mesh.name
+        prism.pos = model.geom_pos[g].copy()
+        prism.quat = model.geom_quat[g].copy()
+        prism.contype, prism.conaffinity = _PRISM_BITS
+        prism.condim = int(model.geom_condim[g])
+        prism.friction = model.geom_friction[g].copy()
+        prism.solref = model.geom_solref[g].copy()
+        prism.solimp = model.geom_solimp[g].copy()
+        prism.mass = 0.0
+        prism.group = 5
+        prism.rgba = [0.0, 0.0, 0.0, 0.0]
+    return spec.compile()
