@@ -3,7 +3,7 @@
 Deterministic: observation [t / T, sin t, cos t, 1] at step t of an episode of T
 steps (time limit: truncated, never terminated); reward -(a0 - 0.3)^2; cost 1 when
 a0 > 0.5. Reset ignores the seed, so a run resumed at an episode boundary sees the
-same data as an uninterrupted one. Hooks let a test inject NaN rewards or a stop signal (SIGINT, SIGTERM).
+same data as an uninterrupted one. Hooks let a test inject NaN rewards or a SIGINT.
 """
 
 from __future__ import annotations
@@ -21,21 +21,13 @@ class ScriptedVectorEnv:
     observation_size = 4
     action_size = 2
 
-    def __init__(
-        self,
-        num_envs=1,
-        episode_length=10,
-        nan_after=None,
-        sigint_after=None,
-        stop_signal=signal.SIGINT,
-    ):
+    def __init__(self, num_envs=1, episode_length=10, nan_after=None, sigint_after=None):
         self.num_envs = num_envs
         self.episode_length = episode_length
         self.action_low = -np.ones(2, np.float32)
         self.action_high = np.ones(2, np.float32)
         self.nan_after = nan_after
         self.sigint_after = sigint_after
-        self.signal = stop_signal
         self.total_steps = 0
         self.closed = False
         self.reset_seeds = []
@@ -59,7 +51,7 @@ class ScriptedVectorEnv:
         self.total_steps += self.num_envs
         if self.sigint_after is not None and self.total_steps >= self.sigint_after:
             self.sigint_after = None
-            os.kill(os.getpid(), self.signal)
+            os.kill(os.getpid(), signal.SIGINT)
         reward = -((actions[:, 0] - 0.3) ** 2)
         if self.nan_after is not None and self.total_steps > self.nan_after:
             reward = reward * np.nan
