@@ -50,6 +50,10 @@ class CVPOConfig:
     full_covariance: bool = True
     min_std: float = 1e-4  # Floor on the Cholesky diagonal: keeps log-probs finite.
     init_std: float = 0.5  # Policy std at initialisation (before any update).
+    # Ceiling on each action's policy std (null: none). Under a heavy cost weight the
+    # E-step favours samples beyond the action box, which the env clips to its edge,
+    # and the fitted std grows without bound (seen: 0.45 -> 1.6 of a [-1, 1] box).
+    max_std: float | None = None
 
     # Constraint.
     cost_limit: tuple[float, ...] = (25.0,)
@@ -331,6 +335,12 @@ class CVPOConfig:
             "init_std",
             self.init_std,
             f"greater than min_std={self.min_std}",
+        )
+        _check(
+            self.max_std is None or (_is_number(self.max_std) and self.max_std >= self.init_std),
+            "max_std",
+            self.max_std,
+            f"null or a number >= init_std={self.init_std}",
         )
         for name, init in (
             ("eta_bounds", self.eta_init),

@@ -28,7 +28,9 @@ class GaussianPolicy(nn.Module):
     """pi(a|s) = N(mean(s), L(s) L(s)^T), mean bounded to the action box.
 
     Returns mean [..., A] and the lower-triangular scale L [..., A, A] whose diagonal
-    is softplus(.) + min_std. With ``full_covariance=False`` L is diagonal.
+    is softplus(.) + min_std. With ``full_covariance=False`` L is diagonal. With
+    ``max_std`` each row of L is shrunk to norm <= max_std, so that every action's
+    std (the row's norm) is at most max_std.
     """
 
     action_low: tuple[float, ...]
@@ -37,6 +39,7 @@ class GaussianPolicy(nn.Module):
     full_covariance: bool = True
     min_std: float = 1e-4
     init_std: float = 0.5
+    max_std: float | None = None
 
     @nn.compact
     def __call__(self, obs: chex.Array) -> tuple[chex.Array, chex.Array]:
@@ -58,6 +61,9 @@ class GaussianPolicy(nn.Module):
             # Zero-initialised so the initial covariance is diagonal with std init_std.
             off_diag = nn.Dense(len(rows), kernel_init=nn.initializers.zeros, name="off_diag")(x)
             scale_tril = scale_tril.at[..., rows, cols].set(off_diag)
+        if self.max_std is not None:
+            norms = jnp.linalg.norm(scale_tril, axis=-1, keepdims=True)
+            scale_tril = scale_tril * jnp.minimum(1.0, self.max_std / norms)
         return mean, scale_tril
 
 
@@ -206,6 +212,7 @@ def make_networks(
         full_covariance=cfg.full_covariance,
         min_std=cfg.min_std,
         init_std=cfg.init_std,
+        max_std=cfg.max_std,
     )
     critic = CriticEnsemble(
         num_members=cfg.num_reward_critics + cfg.num_cost_critics * cfg.num_constraints,

@@ -126,6 +126,33 @@ def _policy(full_cov=True, min_std=1e-4, init_std=0.5, low=LOW, high=HIGH, hidde
 
 
 @pytest.mark.parametrize("full_cov", [True, False])
+def test_max_std_shrinks_only_the_rows_above_it(full_cov):
+    """With max_std, each row of L is the unbounded row scaled to norm <= max_std (the
+    NumPy forward, rows shrunk by hand); rows below it are unchanged."""
+    pol = _policy(full_cov=full_cov, min_std=1e-3, init_std=0.7)
+    bounded = GaussianPolicy(
+        action_low=LOW,
+        action_high=HIGH,
+        hidden_sizes=(32, 32),
+        full_covariance=full_cov,
+        min_std=1e-3,
+        init_std=0.7,
+        max_std=0.8,
+    )
+    obs = _normal(0, (NB, 5))
+    params = _perturb(pol.init(jax.random.key(1), obs), 0.6, 2)
+    _, tril = bounded.apply(params, obs)
+    _, want = _policy_numpy(params, obs, LOW, HIGH, (32, 32), full_cov, 1e-3, 0.7)
+    norms = np.linalg.norm(want, axis=-1, keepdims=True)
+    assert (norms > 0.8).any() and (norms < 0.8).any()  # both cases occur
+    np.testing.assert_allclose(tril, want * np.minimum(1.0, 0.8 / norms), **F32_TOL)
+    std = np.sqrt(np.einsum("bij,bij->bi", np.asarray(tril), np.asarray(tril)))
+    assert std.max() <= 0.8 + 1e-6
+    with pytest.raises(ValueError, match="max_std"):
+        CVPOConfig(max_std=0.3)  # below init_std
+
+
+@pytest.mark.parametrize("full_cov", [True, False])
 def test_policy_matches_numpy_forward(full_cov):
     pol = _policy(full_cov=full_cov, min_std=1e-3, init_std=0.7)
     obs = _normal(0, (NB, 5))
