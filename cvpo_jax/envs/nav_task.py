@@ -238,23 +238,13 @@ def normalised_model(spec: NavTaskSpec) -> mujoco.MjModel:
     return model
 
 
-def _subtree(model: mujoco.MjModel, root: int) -> set[int]:
-    bodies = {root}
-    for b in range(model.nbody):
-        p = b
-        while p > 0 and p not in bodies:
-            p = model.body_parentid[p]
-        if p in bodies:
-            bodies.add(b)
-    return bodies
-
-
 def wheel_colliders(xml: str) -> mujoco.MjModel:
     """The model of `xml` with a prism collider per colliding robot cylinder (see
     above); the plain model when the robot has none (the Point)."""
     model = mujoco.MjModel.from_xml_string(xml)
     cyl, box, plane = (mujoco.mjtGeom.mjGEOM_CYLINDER, mujoco.mjtGeom.mjGEOM_BOX, 0)
-    robot = _subtree(model, model.body("agent").id)
+    agent = model.body("agent").id
+    robot = {b for b in range(model.nbody) if model.body_rootid[b] == agent}
     collides = (model.geom_contype != 0) | (model.geom_conaffinity != 0)
     wheels = [
         g
