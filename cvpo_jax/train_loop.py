@@ -438,9 +438,11 @@ def _apply_cost_feedback(state, episode_costs, algo: CVPOConfig):
         np.asarray(duals.realised_cost), float(duals.realised_episodes), costs, algo
     )
     if algo.constraint_form == "lagrangian":
-        trace = realised_cost_trace(
-            np.asarray(duals.realised_cost), float(duals.realised_episodes), costs, algo
-        )
+        trace = None  # the running mean after each episode: only the mean signal needs it
+        if algo.lagrangian_signal == "mean":
+            trace = realised_cost_trace(
+                np.asarray(duals.realised_cost), float(duals.realised_episodes), costs, algo
+            )
         log_lambda = lagrangian_update(np.asarray(duals.log_lambda), costs, algo, trace)
         duals = duals.replace(log_lambda=jnp.asarray(log_lambda))
     duals = duals.replace(

@@ -117,9 +117,10 @@ def test_names_prefix_and_errors():
 
 
 def test_quat_to_matrix_matches_mujoco():
+    """The conversion the Car's ball-joint sensor goes through (brax's) is MuJoCo's."""
     import mujoco
 
-    from cvpo_jax.envs.nav_env import quat_to_matrix
+    from cvpo_jax.envs.nav_env import quat_to_3x3 as quat_to_matrix
 
     rng = np.random.default_rng(0)
     for _ in range(5):

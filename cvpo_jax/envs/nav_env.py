@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import mujoco
 import numpy as np
+from brax.math import quat_to_3x3  # = MuJoCo's mju_quat2Mat, which Safety-Gymnasium uses
 from mujoco import mjx
 
 from cvpo_jax.envs import nav_geometry as geo
@@ -73,19 +74,6 @@ class NavState:
     @property
     def done(self) -> chex.Array:
         return jnp.maximum(self.terminated, self.truncated)
-
-
-def quat_to_matrix(q: chex.Array) -> chex.Array:
-    """The rotation matrix [3, 3] of a unit quaternion [4] (w, x, y, z), as MuJoCo's
-    `mju_quat2Mat` (which Safety-Gymnasium applies to ball-joint sensors)."""
-    w, x, y, z = q[0], q[1], q[2], q[3]
-    return jnp.stack(
-        [
-            jnp.stack([w * w + x * x - y * y - z * z, 2 * (x * y - w * z), 2 * (x * z + w * y)]),
-            jnp.stack([2 * (x * y + w * z), w * w - x * x + y * y - z * z, 2 * (y * z - w * x)]),
-            jnp.stack([2 * (x * z - w * y), 2 * (y * z + w * x), w * w - x * x - y * y + z * z]),
-        ]
-    )
 
 
 def _quat_z(yaw: chex.Array) -> chex.Array:
@@ -163,7 +151,7 @@ class SafeNavEnv:
         pos, mat = self.agent_frame(data)
         groups = {"goal": goal_xy[None], "hazards": hazards_xy, "vases": self.vases_xy(data)}
         parts = [
-            quat_to_matrix(data.sensordata[adr : adr + dim]).ravel()
+            quat_to_3x3(data.sensordata[adr : adr + dim]).ravel()
             if as_matrix
             else data.sensordata[adr : adr + dim]
             for adr, dim, as_matrix in self.sensor_slices
