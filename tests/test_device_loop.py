@@ -154,7 +154,7 @@ def test_sharded_over_4_devices_equals_one_device(tmp_path):
     script.write_text(SHARDING_SCRIPT.format(tests=str(ROOT / "tests")))
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
         "PYTHONPATH": str(ROOT),
     }
     for name, devices in (("sharded", "all"), ("single", "one")):
