@@ -90,7 +90,10 @@ class EvalResult:
     ``lengths`` are env steps per episode. An episode cut off by ``max_steps``
     (not by the env) has ``complete`` False. ``costs`` is the env's cost (its
     `cost_sum`); with cost signals selected (`cost_names`), ``constraint_costs``
-    [E, M] holds each signal's episode cost.
+    [E, M] holds each signal's episode cost. ``cost_entries`` and
+    ``longest_cost_run`` [E] say how the cost was paid (`cost_stretches`): a cost of
+    100 from 3 entries into a hazard is a route problem, from one stretch of 100
+    steps a robot that does not get out.
     """
 
     env_id: str
@@ -104,6 +107,8 @@ class EvalResult:
     video_path: str | None = None
     cost_names: tuple[str, ...] | None = None
     constraint_costs: np.ndarray | None = None
+    cost_entries: np.ndarray | None = None
+    longest_cost_run: np.ndarray | None = None
 
     @property
     def episodes(self) -> int:
@@ -148,6 +153,16 @@ class EvalResult:
             "video_path": self.video_path,
             **(
                 {}
+                if self.cost_entries is None
+                else {
+                    "cost_entries": [int(x) for x in self.cost_entries],
+                    "cost_entries_mean": float(np.mean(self.cost_entries)),
+                    "longest_cost_run": [int(x) for x in self.longest_cost_run],
+                    "longest_cost_run_max": int(np.max(self.longest_cost_run)),
+                }
+            ),
+            **(
+                {}
                 if self.cost_names is None
                 else {
                     "cost_names": list(self.cost_names),
@@ -156,6 +171,15 @@ class EvalResult:
                 }
             ),
         }
+
+
+def cost_stretches(step_costs: np.ndarray) -> tuple[int, int]:
+    """(entries, longest) of one episode's per-step costs [T]: the number of maximal
+    stretches of consecutive steps with cost > 0, and the longest one's length."""
+    costly = np.concatenate([[False], np.asarray(step_costs) > 0, [False]])
+    edges = np.flatnonzero(np.diff(costly.astype(np.int8)))
+    starts, ends = edges[0::2], edges[1::2]
+    return int(starts.size), int((ends - starts).max()) if starts.size else 0
 
 
 def load_policy(
@@ -374,9 +398,12 @@ def evaluate_policy(
         signals = np.zeros((episodes, len(cost_names or ())), np.float64)
         lengths = np.zeros(episodes, np.int64)
         complete = np.zeros(episodes, bool)
+        entries = np.zeros(episodes, np.int64)
+        longest = np.zeros(episodes, np.int64)
         t = 0
         for ep in range(episodes):
             obs, _ = env.reset(seed=seed + ep)
+            step_costs = []
             record = writer is not None and ep < video_episodes
             if record:
                 writer.append(_render(env))
@@ -392,6 +419,7 @@ def evaluate_policy(
                 )
                 returns[ep] += float(reward)
                 costs[ep] += float(cost)
+                step_costs.append(float(cost))
                 for m, name in enumerate(cost_names or ()):
                     signals[ep, m] += float(info[f"cost_{name}"])
                 lengths[ep] += 1
@@ -400,6 +428,7 @@ def evaluate_policy(
                 if record:
                     writer.append(_render(env))
             complete[ep] = done
+            entries[ep], longest[ep] = cost_stretches(np.asarray(step_costs))
         if writer is not None:
             writer.close()
             writer = None
@@ -425,6 +454,8 @@ def evaluate_policy(
         video_path=str(video_path) if recording else None,
         cost_names=None if cost_names is None else tuple(cost_names),
         constraint_costs=None if cost_names is None else signals,
+        cost_entries=entries,
+        longest_cost_run=longest,
     )
 
 

@@ -140,6 +140,8 @@ def report(
     spec, step: int, result, training: dict | None, run_dir: Path, seed_index: int = 0
 ) -> str:
     """The human-readable summary printed by the command."""
+    import numpy as np
+
     cost_limit = spec.algo.cost_limit[0]
     mode = (
         "deterministic evaluation (mean action)"
@@ -153,13 +155,19 @@ def report(
         f"{mode}: {result.episodes} episode(s), seed {result.seed}"
         + (f", at most {result.max_steps} steps each" if result.max_steps else ""),
         "",
-        f"  {'episode':>7}  {'return':>10}  {'cost':>8}  {'length':>6}",
+        f"  {'episode':>7}  {'return':>10}  {'cost':>8}  {'length':>6}"
+        + ("" if result.cost_entries is None else f"  {'entries':>7}  {'longest':>7}"),
     ]
     for i in range(result.episodes):
         mark = "" if result.complete[i] else "  (cut at max_steps)"
+        stretches = (
+            ""
+            if result.cost_entries is None
+            else f"  {int(result.cost_entries[i]):>7}  {int(result.longest_cost_run[i]):>7}"
+        )
         lines.append(
             f"  {i:>7}  {result.returns[i]:>10.2f}  {result.costs[i]:>8.1f}  "
-            f"{int(result.lengths[i]):>6}{mark}"
+            f"{int(result.lengths[i]):>6}{stretches}{mark}"
         )
     lines += ["", f"  return  {_mean_std(result.returns)}  (mean ± std over episodes)"]
     if result.cost_names is None:
@@ -176,6 +184,11 @@ def report(
             lines.append(f"  cost {name}  {_mean_std(values)}  ({verdict} its limit {limit:g})")
         lines.append(f"  cost (all sources)  {_mean_std(result.costs)}")
     lines.append(f"  length  {result.length_mean:.0f}")
+    if result.cost_entries is not None:
+        lines.append(
+            f"  cost paid in {np.mean(result.cost_entries):.1f} stretches of costly steps "
+            f"per episode (entries), the longest {int(np.max(result.longest_cost_run))} steps"
+        )
     if training is not None:
         lines.append(
             f"training-time (metrics.csv at env step {training['env_steps']}, "

@@ -13,6 +13,7 @@ from cvpo_jax import checkpoint as ckpt
 from cvpo_jax.config import CVPOConfig, TrainConfig
 from cvpo_jax.evaluation import (
     checkpoint_steps,
+    cost_stretches,
     evaluate_policy,
     load_policy,
     osmesa_available,
@@ -110,6 +111,9 @@ def test_evaluate_shapes_finite_and_reproducible(policy):
     assert first.deterministic and first.video_path is None
     data = json.loads(json.dumps(first.to_json()))
     assert data["returns"] == list(first.returns) and data["episodes"] == 2
+    # Cost stretches: none without cost, at most one per costly step otherwise.
+    assert np.all((first.cost_entries == 0) == (first.costs == 0))
+    assert np.all(first.longest_cost_run <= first.costs) and len(data["cost_entries"]) == 2
 
     again = evaluate_policy(learner, params, "CarGoal1", episodes=2, seed=3, max_steps=MAX_STEPS)
     np.testing.assert_array_equal(again.returns, first.returns)
@@ -307,3 +311,17 @@ def test_jax_evaluation_refuses_video_and_step_caps_before_building_anything(run
         args = parse_args(OmegaConf.create({**base, **extra}))
         with pytest.raises(UsageError, match=f"{message} is for Safety-Gymnasium tasks"):
             _evaluate(run_dir, args)
+
+
+@pytest.mark.parametrize(
+    ("step_costs", "expected"),
+    [
+        ([], (0, 0)),
+        ([0, 0, 0], (0, 0)),
+        ([1, 1, 1], (1, 3)),
+        ([0, 1, 1, 0, 0, 1, 0], (2, 2)),
+        ([1, 0, 1, 1, 1, 0, 0, 2.5], (3, 3)),
+    ],
+)
+def test_cost_stretches_counts_entries_and_the_longest_stay(step_costs, expected):
+    assert cost_stretches(np.asarray(step_costs, np.float64)) == expected
