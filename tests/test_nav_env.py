@@ -74,6 +74,29 @@ def test_a_crowded_layout_reports_failure():
     assert not bool(ok)
 
 
+def _check_keepouts(xy, keepouts, extents):
+    ko = np.asarray(keepouts)
+    dist = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
+    off_diagonal = ~np.eye(len(ko), dtype=bool)
+    assert np.all(dist[off_diagonal] >= (ko[:, None] + ko[None, :])[off_diagonal] - 1e-6)
+    assert np.all(np.abs(xy) <= extents[2] - ko[:, None] + 1e-6)
+
+
+def test_crowded_button_layouts_are_retried_until_complete():
+    """PointButton1's layout: one attempt rarely completes; the retry loop does."""
+    spec = load_nav_task("PointButton1")
+    keys = jax.random.split(jax.random.PRNGKey(0), 256)
+    _, once = jax.vmap(lambda k: geo.sample_layout(k, spec.extents, spec.keepouts, 100, 1))(keys)
+    assert 0.0 < float(jnp.mean(once)) < 0.1  # measured: ~2% of single attempts
+    layouts, oks = jax.jit(
+        jax.vmap(lambda k: geo.sample_layout_until(k, spec.extents, spec.keepouts, 10_000))
+    )(keys[:16])
+    assert bool(jnp.all(oks))
+    for xy in np.asarray(layouts):
+        _check_keepouts(xy, spec.keepouts, spec.extents)
+    assert np.unique(np.asarray(layouts)[:, 0, 0]).size == 16
+
+
 @pytest.fixture(scope="module")
 def goal0():
     return SafeNavEnv(load_nav_task("PointGoal0"), episode_length=3)
@@ -100,16 +123,63 @@ def test_env_resets_and_steps_under_vmap_and_auto_resets(goal0):
     assert np.all(np.asarray(state.final_cost) == 0.0)
 
 
+@pytest.mark.slow
+def test_button_task_resets_presses_and_keeps_a_spare_layout():
+    """PointButton1 under vmap: complete layouts at every reset (the spare one at the
+    auto-reset), the goal one of the buttons, and after a press the timer running and
+    the buttons' lidar dark."""
+    env = SafeNavEnv(load_nav_task("PointButton1"), episode_length=4)
+    s = env.spec
+    assert env.observation_size == 76  # Safety-Gymnasium's size
+    state = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.PRNGKey(3), 4))
+    assert bool(jnp.all(state.layout_ok))
+    for i in range(4):
+        goal = state.goal_xy[i]
+        np.testing.assert_allclose(
+            goal, state.data.mocap_pos[i, env.button_mocap][state.goal_button[i], :2]
+        )
+        _check_keepouts(np.asarray(state.spare_layout[i]), s.keepouts, s.extents)
+    first = np.asarray(state.hazards_xy)
+    step = jax.jit(jax.vmap(env.step_autoreset))
+    for t in range(4):
+        state = step(state, jnp.zeros((4, 2)), jax.random.split(jax.random.PRNGKey(20 + t), 4))
+    assert np.all(np.asarray(state.steps) == 0) and bool(jnp.all(state.layout_ok))
+    hazards = np.asarray(state.hazards_xy)
+    assert not np.allclose(hazards, first)  # the spare layout, not the first again
+    # A press: the robot placed on the goal button's edge, one step.
+    one = jax.tree.map(lambda x: x[0], state)
+    goal_xy = np.asarray(one.goal_xy)
+    layout = np.asarray(one.spare_layout).copy()
+    layout[0] = goal_xy + np.array([0.19, 0.0])  # 1 cm into the button
+    yaws = jnp.zeros(s.num_gremlins)
+    pressed = env.reset_from_layout(
+        one.key, jnp.asarray(layout), jnp.asarray(0.0), yaws, one.goal_button
+    )
+    # Through the step compiled above (4 copies; a fresh episode does not auto-reset).
+    batch = jax.tree.map(lambda x: jnp.stack([x] * 4), pressed)
+    after = step(batch, jnp.zeros((4, 2)), jax.random.split(jax.random.PRNGKey(9), 4))
+    after = jax.tree.map(lambda x: x[0], after)
+    assert float(after.reward) > 0.5 * s.reward_goal and int(after.timer) == 10
+    cols = {k: size for k, size in s.obs_parts}
+    start = sum(
+        size for k, size in s.obs_parts[: [k for k, _ in s.obs_parts].index("buttons_lidar")]
+    )
+    assert np.all(np.asarray(after.obs[start : start + cols["buttons_lidar"]]) == 0.0)
+    assert np.any(np.asarray(pressed.obs[start : start + cols["buttons_lidar"]]) > 0.0)
+
+
 def test_names_prefix_and_errors():
     assert resolve_nav_name("safetypointgoal2-v0") == "PointGoal2"
     assert resolve_env_id("mjx/pointgoal1") == "mjx/PointGoal1"
     assert is_jax_env("mjx/PointGoal1") and is_jax_env("brax/AntVelocity")
     assert not is_jax_env("SafetyPointGoal1-v0")
     assert resolve_env_id("mjx/cargoal1") == "mjx/CarGoal1"
-    robots = ("Point", "Car")
-    assert list_env_ids("mjx") == sorted(f"mjx/{r}Goal{lv}" for r in robots for lv in range(3))
-    with pytest.raises(ValueError, match="CarButton1 is not ported to JAX yet"):
-        resolve_env_id("mjx/CarButton1")
+    assert resolve_env_id("mjx/carbutton2") == "mjx/CarButton2"
+    robots, tasks = ("Point", "Car"), ("Goal", "Button")
+    names = [f"mjx/{r}{t}{lv}" for r in robots for t in tasks for lv in range(3)]
+    assert list_env_ids("mjx") == sorted(names)
+    with pytest.raises(ValueError, match="CarPush1 is not ported to JAX yet"):
+        resolve_env_id("mjx/CarPush1")
     with pytest.raises(ValueError, match="Did you mean mjx/PointGoal1"):
         resolve_env_id("mjx/PointGoa1")
     with pytest.raises(ValueError, match="runs on MJX only"):

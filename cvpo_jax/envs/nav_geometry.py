@@ -115,3 +115,35 @@ def sample_layout(
     layouts, oks = jax.vmap(one)(jax.random.split(key, restarts))
     first = jnp.argmax(oks)
     return layouts[first], oks[first]
+
+
+def sample_layout_until(
+    key: chex.PRNGKey,
+    extents: tuple[float, float, float, float],
+    keepouts: tuple[float, ...],
+    max_attempts: int,
+    tries: int = 100,
+) -> tuple[chex.Array, chex.Array]:
+    """Safety-Gymnasium's `build_layout`: single layouts (`sample_layout` with one
+    restart) drawn one after another until one is complete, at most `max_attempts`.
+
+    A while loop: under vmap it runs until every lane has succeeded, so it suits a
+    reset at the start of training, not a step.
+
+    Returns:
+      (xy [P, 2], ok []) as `sample_layout`.
+    """
+
+    def attempt(carry):
+        k, n, _, _ = carry
+        k, sub = jax.random.split(k)
+        xy, ok = sample_layout(sub, extents, keepouts, tries, restarts=1)
+        return k, n + 1, xy, ok
+
+    def pending(carry):
+        _, n, _, ok = carry
+        return (~ok) & (n < max_attempts)
+
+    start = (key, jnp.zeros((), jnp.int32), jnp.zeros((len(keepouts), 2)), jnp.asarray(False))
+    _, _, xy, ok = jax.lax.while_loop(pending, attempt, start)
+    return xy, ok
