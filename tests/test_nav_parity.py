@@ -225,10 +225,17 @@ def _scan(env):
     return jax.jit(lambda s, a, g: jax.lax.scan(body, s, (a, g))[1])
 
 
+@functools.cache
+def _reset(env):
+    return jax.jit(env.reset_from_layout)
+
+
 def jax_run(env, layout, actions, goals):
     """The JAX task from the same layout, given the reference's goal after every step."""
     xy, yaw, yaws, goal = (jnp.asarray(x) for x in layout)
-    state = env.reset_from_layout(jax.random.PRNGKey(0), xy, yaw, yaws, goal)
+    # Jitted (compiled once per env, like the scan): op by op, MJX's forward pass at
+    # the reset costs more than compiling it.
+    state = _reset(env)(jax.random.PRNGKey(0), xy, yaw, yaws, goal)
     out = _scan(env)(state, jnp.asarray(actions), jnp.asarray(goals))
     return {
         k: np.asarray(v) for k, v in zip(("obs", "reward", "cost", "vase_xy"), out, strict=True)
