@@ -105,9 +105,7 @@ class UpdateVariantsTest(chex.TestCase):
         # Under jit XLA fuses the tanh squash and the rescale, so the float32 results
         # may differ from the eager ones by round-off (~1e-7 near 0, where rtol alone
         # cannot absorb it); the bound is far below any real squashing error.
-        np.testing.assert_allclose(
-            np.asarray(mean), np.asarray(expected), rtol=1e-6, atol=1e-6
-        )
+        np.testing.assert_allclose(np.asarray(mean), np.asarray(expected), rtol=1e-6, atol=1e-6)
 
 
 def test_bad_batch_shapes_raise_with_the_field_name(small_learner):

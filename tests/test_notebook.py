@@ -165,3 +165,28 @@ def test_notebook_runs_end_to_end_on_cpu_and_resumes(tmp_path, monkeypatch):
         with open(run / f"seed{seed}" / "metrics.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400, 500, 600]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("CVPO_NAV_NOTEBOOK"),
+    reason="compiles MJX's navigation task for ~5 min on 2 cores: run with CVPO_NAV_NOTEBOOK=1",
+)
+def test_notebook_trains_a_navigation_task(tmp_path, monkeypatch):
+    """ENV = "mjx/PointGoal1": the same cells build the MJX task, train it on the device
+    loop and draw the deterministic rollout from above (no brax viewer)."""
+    monkeypatch.setenv("JUPYTER_PATH", str(kernel_spec(tmp_path / "jupyter")))
+    values = {**TINY, "ENV": "mjx/PointGoal1", "BACKEND": "mjx", "RUN_DIR": str(tmp_path / "run")}
+    nb = execute(tmp_path, values, "executed_nav.ipynb")
+    run = tmp_path / "run"
+    for seed in range(2):
+        with open(run / f"seed{seed}" / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400]
+        assert all(float(r["episode_length"]) == 50 for r in rows)
+    assert "observation size 60, action size 2" in cell_text(nb, "make_jax_env(")
+    assert "completed: 400 env steps x 2 seeds" in cell_text(nb, "train_on_device(")
+    assert "seed 0 at env step 400: 20 steps" in cell_text(nb, "def rollout(")
+    (render,) = [c for c in nb.cells if c.cell_type == "code" and "plot_navigation(" in c.source]
+    assert any("image/png" in o.get("data", {}) for o in render.outputs)
+    assert (run / "rollout.png").read_bytes().startswith(b"\x89PNG")
