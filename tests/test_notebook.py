@@ -119,9 +119,19 @@ def execute(tmp_path, values: dict, name: str):
     return nb
 
 
-def cell_text(nb, marker: str) -> str:
+def cell_outputs(nb, marker: str) -> list:
+    """The outputs of the one code cell whose source contains `marker`."""
     (cell,) = [c for c in nb.cells if c.cell_type == "code" and marker in c.source]
-    return "".join(o.get("text", "") for o in cell.outputs)
+    return cell.outputs
+
+
+def cell_text(nb, marker: str) -> str:
+    return "".join(o.get("text", "") for o in cell_outputs(nb, marker))
+
+
+def metrics_rows(run: Path, seed: int) -> list[dict]:
+    with open(run / f"seed{seed}" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.mark.slow
@@ -131,26 +141,19 @@ def test_notebook_runs_end_to_end_on_cpu_and_resumes(tmp_path, monkeypatch):
 
     run = tmp_path / "run"
     for seed in range(2):
-        with open(run / f"seed{seed}" / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = metrics_rows(run, seed)
         assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400]
         # Every env ends one 50-step episode per 100 env steps; returns are real numbers.
         assert all(float(r["episode_length"]) == 50 for r in rows)
         assert all(float(r["episode_return"]) != 0 for r in rows)
     assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
 
-    def outputs(marker):
-        (cell,) = [c for c in nb.cells if c.cell_type == "code" and marker in c.source]
-        return cell.outputs
-
-    text = lambda outs: "".join(o.get("text", "") for o in outs)  # noqa: E731
-    assert "completed: 400 env steps x 2 seeds" in text(outputs("train_on_device("))
-    plot = outputs("plot_runs(")
-    assert any("image/png" in o.get("data", {}) for o in plot)
-    assert "seed1: last logged return" in text(plot)
-    assert "seed 0 at env step 400: 20 steps" in text(outputs("def rollout("))
-    render = outputs("html.render(")
-    assert any("text/html" in o.get("data", {}) for o in render), text(render)
+    assert "completed: 400 env steps x 2 seeds" in cell_text(nb, "train_on_device(")
+    assert any("image/png" in o.get("data", {}) for o in cell_outputs(nb, "plot_runs("))
+    assert "seed1: last logged return" in cell_text(nb, "plot_runs(")
+    assert "seed 0 at env step 400: 20 steps" in cell_text(nb, "def rollout(")
+    render = cell_outputs(nb, "html.render(")
+    assert any("text/html" in o.get("data", {}) for o in render), cell_text(nb, "html.render(")
 
     # The notebook's save/resume path: RESUME = True continues the same run directory
     # from its last checkpoint (400) to a longer budget, every seed's log continuing.
@@ -162,8 +165,7 @@ def test_notebook_runs_end_to_end_on_cpu_and_resumes(tmp_path, monkeypatch):
     assert "completed: 600 env steps x 2 seeds" in cell_text(resumed, "train_on_device(")
     assert "seed 0 at env step 600: 20 steps" in cell_text(resumed, "def rollout(")
     for seed in range(2):
-        with open(run / f"seed{seed}" / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = metrics_rows(run, seed)
         assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400, 500, 600]
 
 
@@ -180,13 +182,11 @@ def test_notebook_trains_a_navigation_task(tmp_path, monkeypatch):
     nb = execute(tmp_path, values, "executed_nav.ipynb")
     run = tmp_path / "run"
     for seed in range(2):
-        with open(run / f"seed{seed}" / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = metrics_rows(run, seed)
         assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400]
         assert all(float(r["episode_length"]) == 50 for r in rows)
     assert "observation size 60, action size 2" in cell_text(nb, "make_jax_env(")
     assert "completed: 400 env steps x 2 seeds" in cell_text(nb, "train_on_device(")
     assert "seed 0 at env step 400: 20 steps" in cell_text(nb, "def rollout(")
-    (render,) = [c for c in nb.cells if c.cell_type == "code" and "plot_navigation(" in c.source]
-    assert any("image/png" in o.get("data", {}) for o in render.outputs)
+    assert any("image/png" in o.get("data", {}) for o in cell_outputs(nb, "plot_navigation("))
     assert (run / "rollout.png").read_bytes().startswith(b"\x89PNG")
