@@ -124,6 +124,16 @@ class CVPOConfig:
     # The cost in the error: "episode" (each finished episode's own) or "mean" (the
     # running mean over about the last realised_cost_episodes after each of them).
     lagrangian_signal: str = "episode"
+    # Top of the per-episode error clip on the log scale: 1 clips (C - limit) / limit
+    # to [-1, 1], so lambda's drift is zero where the *median* episode cost is at the
+    # limit; a larger cap (errors are >= -1 anyway) moves it to where the mean of the
+    # episode costs is, costs above (1 + cap) * limit counted as that.
+    lagrangian_error_cap: float = 1.0
+    # Proportional term on the log scale: the E-step uses lambda = lambda_I *
+    # exp(kp * clip(e_mean, -1, 1)), lambda_I the integrated multiplier above and
+    # e_mean = (C_real - limit) / limit with C_real the running mean of the last
+    # realised_cost_episodes episodes (a PI multiplier, Stooke et al. 2020). 0: none.
+    lagrangian_kp: float = 0.0
     # Recovery from an infeasible E-step: when the threshold lies below what the KL
     # ball can reach, the E-step is asked instead for this fraction of the largest
     # reachable decrease of E[Q_c] from pi_old (threshold raised to
@@ -219,7 +229,19 @@ class CVPOConfig:
             self.lagrangian_signal,
             f"one of {LAGRANGIAN_SIGNALS}",
         )
-        for name in ("lambda_max_log_step", "cost_feedback_gain"):
+        _check(
+            _is_number(self.lagrangian_error_cap) and self.lagrangian_error_cap >= 1.0,
+            "lagrangian_error_cap",
+            self.lagrangian_error_cap,
+            "a finite number >= 1 (1: the median-tracking clip to [-1, 1])",
+        )
+        _check(
+            self.lagrangian_kp == 0 or self.lagrangian_scale == "log",
+            "lagrangian_kp",
+            self.lagrangian_kp,
+            "0 unless lagrangian_scale=log (the proportional term multiplies lambda)",
+        )
+        for name in ("lambda_max_log_step", "cost_feedback_gain", "lagrangian_kp"):
             v = getattr(self, name)
             _check(_is_number(v) and v >= 0, name, v, "a finite number >= 0 (0 disables it)")
         fb = self.cost_feedback_bounds

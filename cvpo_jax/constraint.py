@@ -172,10 +172,14 @@ def lagrangian_update(
       ERROR_CAP), lambda_bounds), dual ascent on the episode cost, linear in lambda
       so that it returns from its floor at the rate it left it;
     - `lagrangian_scale="log"`: log lambda <- clip(log lambda + lagrangian_lr *
-      clip(e, -1, 1), log lambda_bounds), a multiplicative step of at most
-      exp(lagrangian_lr) per episode. The costly first episodes (cost 2-8x the
-      limit) cannot wind lambda up by more than that, and a lambda that overshot is
-      undone in as many episodes as it took to overshoot, at any level.
+      clip(e, -1, lagrangian_error_cap), log lambda_bounds), a multiplicative step of
+      at most exp(lagrangian_lr * cap) per episode. With cap 1 the costly first
+      episodes (cost 2-8x the limit) cannot wind lambda up by more than exp(lr), and
+      a lambda that overshot is undone in as many episodes as it took to overshoot,
+      at any level; but the drift is then zero where half the episodes cost more
+      than the limit (the median), which lies well below the mean when a few
+      episodes stuck in a hazard carry most of the cost. A larger cap tracks the
+      mean.
 
     Args:
       log_lambda: [M] current log multipliers.
@@ -199,7 +203,7 @@ def lagrangian_update(
     for cost in costs:
         error = (cost - limits) / np.maximum(limits, 1.0)
         if cfg.lagrangian_scale == "log":
-            step = cfg.lagrangian_lr * np.clip(error, -1.0, 1.0)
+            step = cfg.lagrangian_lr * np.clip(error, -1.0, cfg.lagrangian_error_cap)
             log_lam = np.clip(log_lam + step, np.log(lo), np.log(hi))
         else:
             lam = np.exp(log_lam) + cfg.lagrangian_lr * np.minimum(error, ERROR_CAP)

@@ -236,6 +236,9 @@ def estep(
     `reachable` [M] is `min_reachable_cost` of q_c's first REACHABLE_STATES states if
     the caller has it (computed here otherwise), for the feasibility diagnostics.
     """
+    integrated = duals.log_lambda
+    if cfg.constraint_form == "lagrangian":
+        duals = duals.replace(log_lambda=lagrangian_log_lambda(duals, cfg))
     duals, info = solve_dual(duals, q_r, q_c, qc_threshold, cfg)
     eta = jnp.exp(duals.log_eta)
     lam = jnp.exp(duals.log_lambda)
@@ -260,4 +263,20 @@ def estep(
         "qc_reachable": reachable,
         "estep_feasible": (reachable <= qc_threshold).astype(jnp.float32),
     }
+    if cfg.constraint_form == "lagrangian":  # the state keeps the integrator alone
+        duals = duals.replace(log_lambda=integrated)
     return duals, weights, info
+
+
+def lagrangian_log_lambda(duals: EStepDuals, cfg: CVPOConfig) -> chex.Array:
+    """log lambda [M] the Lagrangian form's E-step uses: the integrated log lambda
+    plus `cfg.lagrangian_kp` * clip((C_real - limit) / max(limit, 1), -1, 1), C_real
+    the running mean of the realised episode costs (no term before the first
+    episode), clipped to lambda_bounds. With kp = 0 it is the integrator itself."""
+    if cfg.lagrangian_kp == 0:
+        return duals.log_lambda
+    limits = jnp.asarray(cfg.cost_limit, duals.log_lambda.dtype)
+    error = jnp.clip((duals.realised_cost - limits) / jnp.maximum(limits, 1.0), -1.0, 1.0)
+    error = jnp.where(duals.realised_episodes > 0, error, 0.0)
+    lo, hi = jnp.log(cfg.lambda_bounds[0]), jnp.log(cfg.lambda_bounds[1])
+    return jnp.clip(duals.log_lambda + cfg.lagrangian_kp * error, lo, hi)

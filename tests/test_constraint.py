@@ -279,3 +279,74 @@ def test_lagrangian_form_rejects_the_threshold_levers():
         CVPOConfig(constraint_form="lagrangian", cost_feedback_gain=0.01)
     with pytest.raises(ValueError, match="lagrangian_lr=0"):
         CVPOConfig(lagrangian_lr=0)
+
+
+def test_lagrangian_error_cap_tracks_the_mean_not_the_median():
+    """Costs 0, 0, 75 per three episodes (limit 25): the median is 0 and the mean is at
+    the limit. Clipped to [-1, 1] the errors -1, -1, 1 drive lambda down; capped at 10
+    they are -1, -1, 2 and lambda does not move."""
+    cfg = CVPOConfig(
+        constraint_form="lagrangian",
+        lagrangian_scale="log",
+        lagrangian_lr=0.1,
+        cost_limit=(25.0,),
+        lambda_bounds=(1e-3, 20.0),
+    )
+    costs = np.tile([[0.0], [0.0], [75.0]], (4, 1))
+    median = lagrangian_update(np.zeros(1), costs, cfg)
+    np.testing.assert_allclose(median, [4 * 0.1 * (-1 - 1 + 1)], atol=1e-6)
+    mean = lagrangian_update(np.zeros(1), costs, cfg.replace(lagrangian_error_cap=10.0))
+    np.testing.assert_allclose(mean, [0.0], atol=1e-6)
+    # Errors above the cap count as the cap: one episode of cost 1000 (error 39).
+    once = lagrangian_update(np.zeros(1), np.array([[1000.0]]), cfg.replace(lagrangian_error_cap=10.0))
+    np.testing.assert_allclose(once, [1.0], atol=1e-6)
+
+
+def test_lagrangian_proportional_term_scales_the_estep_lambda():
+    """The E-step's lambda is exp(log lambda_I + kp * clip((C_real - limit) / limit, -1,
+    1)), clipped to the bounds; the state keeps lambda_I, and the weights use the
+    product (checked against a float64 softmax)."""
+    from cvpo_jax.estep import estep, init_estep_duals, lagrangian_log_lambda
+
+    cfg = CVPOConfig(
+        constraint_form="lagrangian",
+        lagrangian_scale="log",
+        lagrangian_kp=0.5,
+        cost_limit=(20.0, 4.0),
+        lambda_bounds=(1e-3, 3.0),
+        dual_steps=10,
+    )
+    duals = init_estep_duals(cfg).replace(log_lambda=jnp.log(jnp.asarray([0.2, 2.0])))
+    # Before the first episode there is no proportional term.
+    np.testing.assert_allclose(lagrangian_log_lambda(duals, cfg), np.log([0.2, 2.0]), rtol=1e-6)
+    duals = duals.replace(
+        realised_cost=jnp.asarray([30.0, 100.0]), realised_episodes=jnp.asarray(5.0)
+    )
+    # Errors 0.5 and 24 -> 1: lambda 0.2 * e^0.25; 2 * e^0.5 = 3.30 -> the ceiling 3.
+    expected = np.array([0.2 * np.exp(0.25), 3.0])
+    np.testing.assert_allclose(np.exp(lagrangian_log_lambda(duals, cfg)), expected, rtol=1e-5)
+    below = duals.replace(realised_cost=jnp.asarray([0.0, 3.0]))
+    np.testing.assert_allclose(
+        np.exp(lagrangian_log_lambda(below, cfg)), [0.2 * np.exp(-0.5), 2.0 * np.exp(-0.125)],
+        rtol=1e-5,
+    )
+    rng = np.random.default_rng(4)
+    q_r = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    q_c = jnp.asarray(rng.uniform(0, 2, (16, 8, 2)), jnp.float32)
+    new, weights, info = estep(duals, q_r, q_c, jnp.asarray([0.1, 0.1]), cfg)
+    np.testing.assert_allclose(np.exp(new.log_lambda), [0.2, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(info["lambda"], expected, rtol=1e-5)
+    eta = float(np.exp(new.log_eta))
+    logits = (np.asarray(q_r, np.float64) - np.asarray(q_c, np.float64) @ expected) / eta
+    want = np.exp(logits - logits.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(weights, want, rtol=1e-4, atol=1e-6)
+
+
+def test_lagrangian_pi_knobs_fail_naming_the_field():
+    with pytest.raises(ValueError, match="lagrangian_error_cap=0.5"):
+        CVPOConfig(lagrangian_error_cap=0.5)
+    with pytest.raises(ValueError, match="lagrangian_kp=0.5.*lagrangian_scale=log"):
+        CVPOConfig(constraint_form="lagrangian", lagrangian_kp=0.5)
+    with pytest.raises(ValueError, match="lagrangian_kp=-1"):
+        CVPOConfig(constraint_form="lagrangian", lagrangian_scale="log", lagrangian_kp=-1.0)
