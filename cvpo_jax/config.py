@@ -236,6 +236,12 @@ class CVPOConfig:
             "a finite number >= 1 (1: the median-tracking clip to [-1, 1])",
         )
         _check(
+            self.lagrangian_error_cap == 1.0 or self.lagrangian_scale == "log",
+            "lagrangian_error_cap",
+            self.lagrangian_error_cap,
+            "1 unless lagrangian_scale=log (the linear scale caps the error at 10)",
+        )
+        _check(
             self.lagrangian_kp == 0 or self.lagrangian_scale == "log",
             "lagrangian_kp",
             self.lagrangian_kp,

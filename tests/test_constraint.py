@@ -345,7 +345,9 @@ def test_lagrangian_proportional_term_scales_the_estep_lambda():
 
 def test_lagrangian_pi_knobs_fail_naming_the_field():
     with pytest.raises(ValueError, match="lagrangian_error_cap=0.5"):
-        CVPOConfig(lagrangian_error_cap=0.5)
+        CVPOConfig(lagrangian_scale="log", lagrangian_error_cap=0.5)
+    with pytest.raises(ValueError, match="lagrangian_error_cap=10.0.*lagrangian_scale=log"):
+        CVPOConfig(lagrangian_error_cap=10.0)
     with pytest.raises(ValueError, match="lagrangian_kp=0.5.*lagrangian_scale=log"):
         CVPOConfig(constraint_form="lagrangian", lagrangian_kp=0.5)
     with pytest.raises(ValueError, match="lagrangian_kp=-1"):
