@@ -47,6 +47,10 @@ class CVPOConfig:
     num_reward_critics: int = 1
     num_cost_critics: int = 1
     critic_layer_norm: bool = False  # LayerNorm before each hidden ReLU of the critics.
+    # Standardise observations with the mean and std of the warm-up data (fixed for the
+    # run, stored with the parameters). Safety-Gymnasium's accelerometer varies ~35x more
+    # than its lidar rings; raw, it dominates the first layer's input.
+    normalize_obs: bool = False
     full_covariance: bool = True
     min_std: float = 1e-4  # Floor on the Cholesky diagonal: keeps log-probs finite.
     init_std: float = 0.5  # Policy std at initialisation (before any update).
@@ -295,6 +299,12 @@ class CVPOConfig:
             isinstance(self.nonnegative_cost_q, bool),
             "nonnegative_cost_q",
             self.nonnegative_cost_q,
+            "a bool",
+        )
+        _check(
+            isinstance(self.normalize_obs, bool),
+            "normalize_obs",
+            self.normalize_obs,
             "a bool",
         )
         _check(

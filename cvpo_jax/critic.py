@@ -85,13 +85,13 @@ def make_critic_loss(
         batch: Transition,
         key: chex.PRNGKey,
     ) -> tuple[chex.Array, dict]:
-        next_mean, next_tril = networks.policy.apply(target_policy_params, batch.next_obs)
+        next_mean, next_tril = networks.policy_apply(target_policy_params, batch.next_obs)
         next_action = policy_distribution(next_mean, next_tril).sample(seed=key)
         low = jnp.asarray(networks.policy.action_low)
         high = jnp.asarray(networks.policy.action_high)
         # The environment only ever sees clipped actions, so evaluate those.
         next_action = jnp.clip(next_action, low, high)
-        next_q = networks.critic.apply(target_critic_params, batch.next_obs, next_action)
+        next_q = networks.critic_values(target_critic_params, batch.next_obs, next_action)
         next_q_r, next_q_c = networks.split_critic_values(next_q)
         if cost_bootstrap == "data":
             if batch.next_action is None:
@@ -100,7 +100,7 @@ def make_critic_loss(
                     "with next_action=True)."
                 )
             taken = jnp.where(batch.has_next_action[:, None] > 0, batch.next_action, next_action)
-            next_q_data = networks.critic.apply(target_critic_params, batch.next_obs, taken)
+            next_q_data = networks.critic_values(target_critic_params, batch.next_obs, taken)
             next_q_c = networks.split_critic_values(next_q_data)[1]
         if networks.nonnegative_cost_q:
             next_q_c = jnp.maximum(next_q_c, 0.0)
@@ -118,7 +118,7 @@ def make_critic_loss(
         )
         y_r, y_c = jax.lax.stop_gradient((y_r, y_c))
         q_r, q_c = networks.split_critic_values(
-            networks.critic.apply(critic_params, batch.obs, batch.action)
+            networks.critic_values(critic_params, batch.obs, batch.action)
         )
         loss_r = jnp.mean(jnp.square(q_r - y_r[None]))
         loss_c = jnp.mean(jnp.square(q_c - y_c.T[None]))

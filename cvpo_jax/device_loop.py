@@ -251,6 +251,11 @@ def make_device_trainer(cfg: TrainConfig, algo: CVPOConfig, env) -> DeviceTraine
             f"constraint_form={algo.constraint_form!r}: the realised episode cost it needs is "
             "tracked in the host loop only; use constraint_form=level on device (or loop=host)."
         )
+    if algo.normalize_obs:
+        raise ValueError(
+            "normalize_obs=true: the observation statistics are taken from the warm-up data "
+            "in the host loop only; use normalize_obs=false on device (or loop=host)."
+        )
     if cfg.critic_pretrain_updates:
         raise ValueError(
             f"critic_pretrain_updates={cfg.critic_pretrain_updates}: critic pre-training runs "

@@ -20,7 +20,7 @@ from cvpo_jax import critic as critic_lib
 from cvpo_jax import estep as estep_lib
 from cvpo_jax import mstep as mstep_lib
 from cvpo_jax.config import CVPOConfig
-from cvpo_jax.networks import Networks, make_networks, policy_distribution
+from cvpo_jax.networks import OBS_NORM, Networks, make_networks, policy_distribution
 from cvpo_jax.types import Params, TrainState, Transition
 
 
@@ -35,6 +35,14 @@ def init_train_state(key: chex.PRNGKey, networks: Networks, cfg: CVPOConfig) -> 
     action = jnp.zeros((1, networks.action_size), jnp.float32)
     policy_params = networks.policy.init(k_policy, obs)
     critic_params = networks.critic.init(k_critic, obs, action)
+    if cfg.normalize_obs:
+        # Identity statistics until the warm-up data sets them (`with_obs_statistics`).
+        identity = {
+            "mean": jnp.zeros((networks.obs_size,), jnp.float32),
+            "std": jnp.ones((networks.obs_size,), jnp.float32),
+        }
+        policy_params = {**policy_params, OBS_NORM: identity}
+        critic_params = {**critic_params, OBS_NORM: identity}
     return TrainState(
         policy_params=policy_params,
         target_policy_params=policy_params,
@@ -47,6 +55,49 @@ def init_train_state(key: chex.PRNGKey, networks: Networks, cfg: CVPOConfig) -> 
         step=jnp.zeros((), jnp.int32),
         rng=k_state,
     )
+
+
+def with_obs_statistics(state: TrainState, stats: dict) -> TrainState:
+    """The state with observation statistics {"mean": [O], "std": [O]} in the policy's
+    and the critics' variables (online and target copies alike).
+
+    Raises:
+      ValueError: the state was made without `normalize_obs`, or the shapes differ.
+    """
+    if OBS_NORM not in state.policy_params:
+        raise ValueError(
+            "This train state has no observation statistics to set: it was made with "
+            "normalize_obs=false."
+        )
+    current = state.policy_params[OBS_NORM]
+    stats = {k: jnp.asarray(stats[k], jnp.float32) for k in ("mean", "std")}
+    for k in ("mean", "std"):
+        if stats[k].shape != current[k].shape:
+            raise ValueError(
+                f"obs statistics {k!r} has shape {stats[k].shape}; expected {current[k].shape}."
+            )
+    if not bool(jnp.all(stats["std"] > 0)):
+        raise ValueError("obs statistics 'std' must be > 0 everywhere.")
+
+    def put(variables):
+        # A copy each: the update donates the state, and one buffer may not be donated twice.
+        return {**variables, OBS_NORM: {k: jnp.array(v, copy=True) for k, v in stats.items()}}
+
+    return state.replace(
+        policy_params=put(state.policy_params),
+        target_policy_params=put(state.target_policy_params),
+        critic_params=put(state.critic_params),
+        target_critic_params=put(state.target_critic_params),
+    )
+
+
+def polyak(online: Params, target: Params, tau: float) -> Params:
+    """target <- tau * online + (1 - tau) * target, the observation statistics (equal in
+    both) copied exactly rather than averaged, so they cannot drift by rounding."""
+    new = optax.incremental_update(online, target, tau)
+    if OBS_NORM in online:
+        new = {**new, OBS_NORM: online[OBS_NORM]}
+    return new
 
 
 def check_batch(batch: Transition, networks: Networks) -> None:
@@ -75,7 +126,7 @@ def sample_actions(
     policy_params: Params, networks: Networks, obs: chex.Array, key: chex.PRNGKey, num: int
 ):
     """Draws `num` actions per state: returns actions [B, K, A], mean [B, A], tril [B, A, A]."""
-    mean, tril = networks.policy.apply(policy_params, obs)
+    mean, tril = networks.policy_apply(policy_params, obs)
     actions = policy_distribution(mean, tril).sample(seed=key, sample_shape=num)
     return jnp.swapaxes(actions, 0, 1), mean, tril
 
@@ -117,7 +168,7 @@ def critic_update_step(
     critic_params, critic_opt_state, aux = _critic_step(state, batch, networks, cfg, k_critic)
     new_state = state.replace(
         critic_params=critic_params,
-        target_critic_params=optax.incremental_update(
+        target_critic_params=polyak(
             critic_params, state.target_critic_params, cfg.tau
         ),
         critic_opt_state=critic_opt_state,
@@ -179,11 +230,11 @@ def update_step(
     # 4. Targets.
     new_state = TrainState(
         policy_params=policy_params,
-        target_policy_params=optax.incremental_update(
+        target_policy_params=polyak(
             policy_params, state.target_policy_params, cfg.tau
         ),
         critic_params=critic_params,
-        target_critic_params=optax.incremental_update(
+        target_critic_params=polyak(
             critic_params, state.target_critic_params, cfg.tau
         ),
         policy_opt_state=policy_opt_state,
@@ -213,7 +264,7 @@ def select_action(
     deterministic: bool = False,
 ) -> chex.Array:
     """Actions [B, A] for observations [B, O]: the mean, or a sample clipped to the box."""
-    mean, tril = networks.policy.apply(policy_params, obs)
+    mean, tril = networks.policy_apply(policy_params, obs)
     if deterministic:
         return mean
     return clip_to_box(policy_distribution(mean, tril).sample(seed=key), networks)

@@ -104,7 +104,7 @@ def mstep_loss(
     cfg: CVPOConfig,
 ) -> tuple[chex.Array, dict]:
     """Policy loss plus multiplier loss (see module docstring); obs [B, O]."""
-    mean, tril = networks.policy.apply(policy_params, obs)
+    mean, tril = networks.policy_apply(policy_params, obs)
     ll_mean, ll_cov = decoupled_log_likelihood(actions, weights, mean, tril, mean_old, tril_old)
     kl_mean, kl_cov = decoupled_kl(mean, tril, mean_old, tril_old)
     kl_mean, kl_cov = jnp.mean(kl_mean), jnp.mean(kl_cov)

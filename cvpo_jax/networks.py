@@ -6,7 +6,7 @@ Shapes follow the letters defined in `cvpo_jax.types`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import chex
 import flax.linen as nn
@@ -18,6 +18,44 @@ from cvpo_jax.config import COST_AGGREGATES, CVPOConfig
 from cvpo_jax.gaussian import TriGaussian
 
 _HEAD_INIT = nn.initializers.variance_scaling(1e-2, "fan_in", "truncated_normal")
+
+# The variable collection that holds the fixed observation statistics (normalize_obs):
+# {"mean": [O], "std": [O]}, beside "params" in the policy's and the critics' variables,
+# so that the statistics travel with the parameters (checkpoints, evaluation).
+OBS_NORM = "obs_norm"
+# Standardised observations are clipped to this magnitude: a feature that barely moved
+# in the warm-up data (small std) cannot blow up the networks' inputs later.
+OBS_CLIP = 10.0
+# Added to each feature's variance: a constant feature (std 0) stays finite.
+OBS_VAR_FLOOR = 1e-4
+
+
+def normalise_obs(variables, obs: chex.Array) -> chex.Array:
+    """obs [..., O] standardised by the statistics in ``variables[OBS_NORM]`` and
+    clipped to [-OBS_CLIP, OBS_CLIP]; unchanged when the variables hold none.
+
+    The statistics are constants of the run: no gradient reaches them, so the
+    optimisers leave them exactly as they are.
+    """
+    if not isinstance(variables, Mapping) or OBS_NORM not in variables:
+        return obs
+    stats = jax.lax.stop_gradient(variables[OBS_NORM])
+    return jnp.clip((obs - stats["mean"]) / stats["std"], -OBS_CLIP, OBS_CLIP)
+
+
+def obs_statistics(obs: np.ndarray) -> dict:
+    """The statistics of observations [N, O] (float64): {"mean": [O], "std": [O]} as
+    float32, std = sqrt(var + OBS_VAR_FLOOR)."""
+    obs = np.asarray(obs, np.float64)
+    if obs.ndim != 2 or obs.shape[0] < 2:
+        raise ValueError(f"obs_statistics needs observations [N >= 2, O]; got shape {obs.shape}.")
+    mean = obs.mean(axis=0)
+    std = np.sqrt(obs.var(axis=0) + OBS_VAR_FLOOR)
+    return {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
+
+
+def _params_only(variables):
+    return {"params": variables["params"]}
 
 
 def _inverse_softplus(x: float) -> float:
@@ -153,20 +191,29 @@ class Networks:
         q_c = q[n_r:].reshape((self.num_cost_critics, self.num_constraints) + q.shape[1:])
         return q_r, q_c
 
+    def policy_apply(self, policy_params, obs: chex.Array) -> tuple[chex.Array, chex.Array]:
+        """The policy at raw observations [B, O] -> mean [B, A], tril [B, A, A]
+        (standardised first when the variables hold observation statistics)."""
+        return self.policy.apply(_params_only(policy_params), normalise_obs(policy_params, obs))
+
     def critic_values(self, critic_params, obs: chex.Array, action: chex.Array) -> chex.Array:
         """All members' Q: action [B, A] -> [N, B]; action [B, K, A] -> [N, B, K].
+
+        obs are raw observations: standardised here when the variables hold
+        observation statistics.
 
         With K actions per state the members run one after another (lax.map): the
         same numbers as the vmapped ensemble, but each member's B*K activations reuse
         one scratch buffer instead of all members' at once (measured 1.4x faster).
         """
+        obs = normalise_obs(critic_params, obs)
         if action.ndim == obs.ndim + 1:
             member = Critic(self.critic.hidden_sizes, self.critic.layer_norm)
             return jax.lax.map(
                 lambda p: member.apply({"params": p}, obs, action),
                 critic_params["params"]["members"],
             )
-        return self.critic.apply(critic_params, obs, action)
+        return self.critic.apply(_params_only(critic_params), obs, action)
 
     def pessimistic(self, q: chex.Array) -> tuple[chex.Array, chex.Array]:
         """[N, ...] member values -> min over reward members [...], cost members

@@ -13,7 +13,8 @@ logged per interval), updates the realised-cost mean of `constraint_form=advanta
 moves lambda in `constraint_form=lagrangian` and, with `cost_feedback_gain` > 0, the
 E-step's threshold (`constraint.py`).
 With `critic_pretrain_updates` the critics take that many critic-only updates once,
-when the warm-up data is in.
+when the warm-up data is in. With `normalize_obs` the observation statistics are
+taken from that data at the same point, before any update.
 
 Ctrl-C (SIGINT) sets a flag; the loop stops at the next vector step, saves a
 checkpoint of the last consistent point (whole chunks only) and returns. A second
@@ -45,7 +46,8 @@ from cvpo_jax.constraint import (
     realised_cost_trace,
     realised_cost_update,
 )
-from cvpo_jax.learner import Learner, make_learner
+from cvpo_jax.learner import Learner, make_learner, with_obs_statistics
+from cvpo_jax.networks import obs_statistics
 from cvpo_jax.run_logging import RunLogger, flat_metric_names, non_finite_metrics
 from cvpo_jax.types import Transition
 
@@ -377,6 +379,8 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                     algo.cost_feedback_gain > 0 or algo.constraint_form != "level"
                 ):
                     state = _apply_cost_feedback(state, finished_costs, algo)
+                if algo.normalize_obs and updates == 0 and env_steps >= cfg.learning_starts:
+                    state = _set_obs_statistics(learner, state, buffer_state, logger)
                 if (
                     cfg.critic_pretrain_updates
                     and updates == 0
@@ -425,6 +429,19 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
     finally:
         logger.close()
     return TrainResult(run_dir, env_steps, updates, status, logger.last_row)
+
+
+def _set_obs_statistics(learner, state, buffer_state, logger):
+    """The state with the observation statistics of the data in the buffer (the warm-up
+    steps: this runs once, before the first update). A resumed run keeps the ones in
+    its checkpoint."""
+    obs = replay_lib.filled_items(buffer_state)["items"]["obs"]
+    stats = obs_statistics(obs)
+    logger.message(
+        f"[cvpo] observations standardised by the statistics of {len(obs)} warm-up "
+        f"transitions (std {stats['std'].min():.3g}..{stats['std'].max():.3g})"
+    )
+    return with_obs_statistics(state, stats)
 
 
 def _apply_cost_feedback(state, episode_costs, algo: CVPOConfig):
