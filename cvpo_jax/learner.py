@@ -168,9 +168,7 @@ def critic_update_step(
     critic_params, critic_opt_state, aux = _critic_step(state, batch, networks, cfg, k_critic)
     new_state = state.replace(
         critic_params=critic_params,
-        target_critic_params=polyak(
-            critic_params, state.target_critic_params, cfg.tau
-        ),
+        target_critic_params=polyak(critic_params, state.target_critic_params, cfg.tau),
         critic_opt_state=critic_opt_state,
         rng=rng,
     )
@@ -230,13 +228,9 @@ def update_step(
     # 4. Targets.
     new_state = TrainState(
         policy_params=policy_params,
-        target_policy_params=polyak(
-            policy_params, state.target_policy_params, cfg.tau
-        ),
+        target_policy_params=polyak(policy_params, state.target_policy_params, cfg.tau),
         critic_params=critic_params,
-        target_critic_params=polyak(
-            critic_params, state.target_critic_params, cfg.tau
-        ),
+        target_critic_params=polyak(critic_params, state.target_critic_params, cfg.tau),
         policy_opt_state=policy_opt_state,
         critic_opt_state=critic_opt_state,
         estep_duals=estep_duals,

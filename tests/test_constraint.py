@@ -298,7 +298,9 @@ def test_lagrangian_error_cap_tracks_the_mean_not_the_median():
     mean = lagrangian_update(np.zeros(1), costs, cfg.replace(lagrangian_error_cap=10.0))
     np.testing.assert_allclose(mean, [0.0], atol=1e-6)
     # Errors above the cap count as the cap: one episode of cost 1000 (error 39).
-    once = lagrangian_update(np.zeros(1), np.array([[1000.0]]), cfg.replace(lagrangian_error_cap=10.0))
+    once = lagrangian_update(
+        np.zeros(1), np.array([[1000.0]]), cfg.replace(lagrangian_error_cap=10.0)
+    )
     np.testing.assert_allclose(once, [1.0], atol=1e-6)
 
 
@@ -327,7 +329,8 @@ def test_lagrangian_proportional_term_scales_the_estep_lambda():
     np.testing.assert_allclose(np.exp(lagrangian_log_lambda(duals, cfg)), expected, rtol=1e-5)
     below = duals.replace(realised_cost=jnp.asarray([0.0, 3.0]))
     np.testing.assert_allclose(
-        np.exp(lagrangian_log_lambda(below, cfg)), [0.2 * np.exp(-0.5), 2.0 * np.exp(-0.125)],
+        np.exp(lagrangian_log_lambda(below, cfg)),
+        [0.2 * np.exp(-0.5), 2.0 * np.exp(-0.125)],
         rtol=1e-5,
     )
     rng = np.random.default_rng(4)

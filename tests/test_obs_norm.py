@@ -18,21 +18,21 @@ from cvpo_jax.networks import OBS_CLIP, OBS_NORM, OBS_VAR_FLOOR, obs_statistics
 from cvpo_jax.train_loop import train
 from cvpo_jax.types import Transition
 
-O, A = 5, 2
+OBS, ACT = 5, 2
 NORM_ALGO = CVPOConfig(
     hidden_sizes=(16, 16), num_samples=4, dual_steps=3, mstep_steps=2, normalize_obs=True
 )
 
 
 def _learner(cfg=NORM_ALGO):
-    return make_learner(cfg, O, -np.ones(A), np.ones(A))
+    return make_learner(cfg, OBS, -np.ones(ACT), np.ones(ACT))
 
 
 def _stats(seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "mean": rng.normal(size=O).astype(np.float32),
-        "std": rng.uniform(0.1, 3.0, size=O).astype(np.float32),
+        "mean": rng.normal(size=OBS).astype(np.float32),
+        "std": rng.uniform(0.1, 3.0, size=OBS).astype(np.float32),
     }
 
 
@@ -47,11 +47,11 @@ def _standardised(obs, stats):
 def _batch(rng, b=32, m=1):
     f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
     return Transition(
-        obs=f(b, O) * 5 + 2,
-        action=jnp.clip(f(b, A), -1, 1),
+        obs=f(b, OBS) * 5 + 2,
+        action=jnp.clip(f(b, ACT), -1, 1),
         reward=f(b),
         cost=jnp.abs(f(b, m)),
-        next_obs=f(b, O) * 5 + 2,
+        next_obs=f(b, OBS) * 5 + 2,
         terminated=jnp.zeros((b,)),
         truncated=jnp.zeros((b,)),
     )
@@ -77,7 +77,7 @@ def test_networks_see_standardised_observations():
     stats = _stats()
     state = with_obs_statistics(learner.init(jax.random.PRNGKey(0)), stats)
     rng = np.random.default_rng(2)
-    obs = rng.normal(size=(6, O)).astype(np.float32) * 4
+    obs = rng.normal(size=(6, OBS)).astype(np.float32) * 4
     obs[0, 0] = stats["mean"][0] + 50 * stats["std"][0]  # Beyond the clip.
     z = jnp.asarray(_standardised(obs, stats), jnp.float32)
     assert float(np.abs(z).max()) == OBS_CLIP
@@ -87,11 +87,9 @@ def test_networks_see_standardised_observations():
     np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(tril, want_tril, rtol=1e-5, atol=1e-6)
 
-    actions = jnp.asarray(rng.uniform(-1, 1, size=(6, 3, A)), jnp.float32)
+    actions = jnp.asarray(rng.uniform(-1, 1, size=(6, 3, ACT)), jnp.float32)
     got = nets.critic_values(state.critic_params, obs, actions)  # [N, B, K] path
-    want = nets.critic.apply(
-        {"params": state.critic_params["params"]}, z, actions
-    )
+    want = nets.critic.apply({"params": state.critic_params["params"]}, z, actions)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     got_one = nets.critic_values(state.critic_params, obs, actions[:, 0])  # [N, B] path
     np.testing.assert_allclose(got_one, want[..., 0], rtol=1e-5, atol=1e-5)
@@ -112,9 +110,9 @@ def test_default_runs_carry_no_statistics():
 def test_bad_statistics_are_rejected():
     state = _learner().init(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"'mean' has shape \(4,\); expected \(5,\)"):
-        with_obs_statistics(state, {"mean": np.zeros(4), "std": np.ones(O)})
+        with_obs_statistics(state, {"mean": np.zeros(4), "std": np.ones(OBS)})
     with pytest.raises(ValueError, match="'std' must be > 0"):
-        with_obs_statistics(state, {"mean": np.zeros(O), "std": np.zeros(O)})
+        with_obs_statistics(state, {"mean": np.zeros(OBS), "std": np.zeros(OBS)})
 
 
 def test_updates_leave_the_statistics_exactly_as_set():
@@ -129,7 +127,9 @@ def test_updates_leave_the_statistics_exactly_as_set():
         held = getattr(state, name)[OBS_NORM]
         np.testing.assert_array_equal(held["mean"], stats["mean"], err_msg=name)
         np.testing.assert_array_equal(held["std"], stats["std"], err_msg=name)
-    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, state.policy_params["params"])
+    moved = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), before, state.policy_params["params"]
+    )
     assert any(jax.tree.leaves(moved))  # The parameters themselves did learn.
 
 
@@ -156,8 +156,9 @@ def test_the_train_loop_takes_the_warm_up_statistics_and_resume_keeps_them(tmp_p
     run(tmp_path, "split", resume=True)
     _, resumed, _ = restore_state(tmp_path / "split")
     np.testing.assert_array_equal(resumed.policy_params[OBS_NORM]["std"], want["std"])
-    full_rows, split_rows = read_csv(tmp_path / "full" / "metrics.csv"), read_csv(
-        tmp_path / "split" / "metrics.csv"
+    full_rows, split_rows = (
+        read_csv(tmp_path / "full" / "metrics.csv"),
+        read_csv(tmp_path / "split" / "metrics.csv"),
     )
     assert [r["episode_return"] for r in full_rows] == [r["episode_return"] for r in split_rows]
 

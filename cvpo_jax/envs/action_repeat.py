@@ -1,0 +1,86 @@
+"""Action repeat for host envs: the agent decides every k physical steps.
+
+`ActionRepeat(env, k)` holds each action for k steps of `env` and returns the sum of
+their rewards and costs (and of every `cost_<name>` info entry); a decision ends
+early when the episode does. Its time limit is ceil(limit / k) decisions, so the
+episode (and the cost limit, which counts the episode's physical steps) is unchanged.
+
+Why: on PointGoal1 one physical step moves the robot ~1 cm; a 1-step change of
+action barely changes where it goes, so Q_c(s, a) hardly depends on a and the
+E-step's cost term ranks samples on noise. Held for k steps, each action matters k
+times more, and gamma per decision reaches k times further.
+
+Until the host loop has a knob for it, the benchmark tasks are named as your own
+envs, e.g. `env=cvpo_jax.envs.action_repeat:point_goal1_x2`. The loop then counts
+decisions: total_steps, warmup_steps, log_every, update_every and the metrics'
+env_steps are in decisions (x k physical steps), and update_ratio is per decision.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium
+
+from cvpo_jax.envs.custom import episode_length_of
+
+COST_PREFIX = "cost_"
+
+
+class ActionRepeat(gymnasium.Wrapper):
+    """Repeats each action `k` times (see the module doc)."""
+
+    def __init__(self, env: Any, k: int):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"action repeat k={k!r} must be an integer >= 1.")
+        super().__init__(env)
+        self.k = k
+        self.physical_episode_steps = episode_length_of(env, type(env).__name__)
+        self.max_episode_steps = math.ceil(self.physical_episode_steps / k)
+
+    @property
+    def spec(self):
+        # The inner spec's max_episode_steps counts physical steps; `max_episode_steps`
+        # above is the limit in decisions.
+        return None
+
+    def step(self, action):
+        reward = cost = 0.0
+        summed: dict[str, float] = {}
+        for _ in range(self.k):
+            obs, r, c, terminated, truncated, info = self.env.step(action)
+            reward += float(r)
+            cost += float(c)
+            for key, value in info.items():
+                if key.startswith(COST_PREFIX):
+                    summed[key] = summed.get(key, 0.0) + float(value)
+            if terminated or truncated:
+                break
+        return obs, reward, cost, terminated, truncated, {**info, **summed}
+
+
+def _safety_gym(name: str, k: int) -> ActionRepeat:
+    from cvpo_jax.envs.nav_task import make_safety_gym_env
+
+    return ActionRepeat(make_safety_gym_env(name), k)
+
+
+def point_goal1_x2() -> ActionRepeat:
+    """SafetyPointGoal1-v0, each action held for 2 steps."""
+    return _safety_gym("PointGoal1", 2)
+
+
+def point_goal1_x4() -> ActionRepeat:
+    """SafetyPointGoal1-v0, each action held for 4 steps."""
+    return _safety_gym("PointGoal1", 4)
+
+
+def car_goal1_x2() -> ActionRepeat:
+    """SafetyCarGoal1-v0, each action held for 2 steps."""
+    return _safety_gym("CarGoal1", 2)
+
+
+def car_goal1_x4() -> ActionRepeat:
+    """SafetyCarGoal1-v0, each action held for 4 steps."""
+    return _safety_gym("CarGoal1", 4)
