@@ -449,7 +449,9 @@ class TrainConfig:
 
     All counts are in environment steps (one step of one environment). Updates run in
     chunks: every `update_every` env steps, round(update_every * update_ratio) updates
-    run back to back in one jitted call.
+    run back to back in one jitted call. With `action_repeat` k the agent decides every
+    k env steps (`cvpo_jax.envs.action_repeat`): the counts stay in env steps, one
+    transition (and `buffer_size`, `batch_size`) spans k of them.
     """
 
     env: str = "CarGoal1"
@@ -466,6 +468,7 @@ class TrainConfig:
     checkpoint_every: int = 20_000
     keep_checkpoints: int = 2
     critic_pretrain_updates: int = 0  # Critic-only updates on the warm-up data, once.
+    action_repeat: int = 1  # Env steps each action is held for (host envs).
     # The constrained cost signals (Safety-Gymnasium's `cost_<name>` entries, e.g.
     # ("hazards", "vases_contact")), one cost limit each; ("sum",) is the env's cost.
     costs: tuple[str, ...] = ("sum",)
@@ -500,6 +503,7 @@ class TrainConfig:
             "log_every",
             "checkpoint_every",
             "keep_checkpoints",
+            "action_repeat",
         ):
             v = getattr(self, name)
             _check_train(_is_int(v) and v >= 1, name, v, "an integer >= 1")
@@ -514,10 +518,11 @@ class TrainConfig:
             "a finite number > 0",
         )
         _check_train(
-            self.update_every % self.num_envs == 0,
+            self.update_every % (self.num_envs * self.action_repeat) == 0,
             "update_every",
             self.update_every,
-            f"a multiple of num_envs={self.num_envs} (updates run between vector steps)",
+            f"a multiple of num_envs * action_repeat={self.num_envs * self.action_repeat} "
+            "(updates run between vector steps)",
         )
         _check_train(
             self.updates_per_chunk >= 1,
@@ -541,10 +546,11 @@ class TrainConfig:
             f">= batch_size={self.batch_size}",
         )
         _check_train(
-            self.warmup_steps == 0 or self.warmup_steps >= self.batch_size,
+            self.warmup_steps == 0 or self.warmup_steps >= self.batch_size * self.action_repeat,
             "warmup_steps",
             self.warmup_steps,
-            f"0 or >= batch_size={self.batch_size} (the first batch needs data)",
+            f"0 or >= batch_size * action_repeat={self.batch_size * self.action_repeat} "
+            "(the first batch needs data)",
         )
 
     @property
@@ -554,4 +560,4 @@ class TrainConfig:
     @property
     def learning_starts(self) -> int:
         """The env step after which updates run: after warm-up and a first full batch."""
-        return max(self.warmup_steps, self.batch_size)
+        return max(self.warmup_steps, self.batch_size * self.action_repeat)

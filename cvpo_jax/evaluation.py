@@ -324,6 +324,7 @@ def evaluate_policy(
     video_camera: str = VIDEO_CAMERA,
     video_size: tuple[int, int] = VIDEO_SIZE,
     cost_names: tuple[str, ...] | None = None,
+    action_repeat: int = 1,
 ) -> EvalResult:
     """Runs ``episodes`` full episodes of the policy and returns their returns and costs.
 
@@ -344,14 +345,19 @@ def evaluate_policy(
       cost_names: Safety-Gymnasium cost signals to sum per episode as well (the
         run's `costs`, e.g. ("hazards", "vases_contact")); None or ("sum",): only
         the env's cost.
+      action_repeat: the policy acts every k env steps and its action is held in
+        between, as in training with `action_repeat=k` (the run's, see
+        `experiments.evaluate`); lengths, costs and stretches stay in env steps.
 
     Raises:
       ValueError: a bad argument, or an env whose spaces do not fit the policy.
       RenderError: rendering failed (with a hint about MUJOCO_GL).
     """
+    from cvpo_jax.envs.action_repeat import check_repeat
     from cvpo_jax.envs.registry import is_jax_env, resolve_env_id
 
     check_episodes_and_seed(episodes, seed)
+    check_repeat(action_repeat)
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
         raise ValueError(f"max_steps={max_steps!r} must be null or an integer >= 1.")
     if video_path is not None and (not isinstance(video_episodes, int) or video_episodes < 0):
@@ -409,11 +415,12 @@ def evaluate_policy(
                 writer.append(_render(env))
             done = False
             while not done and (max_steps is None or lengths[ep] < max_steps):
-                obs_batch = np.asarray(obs, np.float32).reshape(1, -1)
-                action = learner.act(
-                    policy_params, obs_batch, jax.random.fold_in(key, t), deterministic
-                )
-                action = np.clip(np.asarray(action, np.float32)[0], low, high)
+                if lengths[ep] % action_repeat == 0:
+                    obs_batch = np.asarray(obs, np.float32).reshape(1, -1)
+                    action = learner.act(
+                        policy_params, obs_batch, jax.random.fold_in(key, t), deterministic
+                    )
+                    action = np.clip(np.asarray(action, np.float32)[0], low, high)
                 obs, reward, cost, terminated, truncated, info = env.step(
                     action.astype(act_space.dtype)
                 )

@@ -99,13 +99,16 @@ def make_env(cfg: TrainConfig):
                 f"costs={list(cfg.costs)}: your own env reports one cost per step (its "
                 "step's cost); leave costs at its default [sum]."
             )
-        return make_custom_vector_env(cfg.env, cfg.num_envs, asynchronous, context)
+        return make_custom_vector_env(
+            cfg.env, cfg.num_envs, asynchronous, context, action_repeat=cfg.action_repeat
+        )
     return SafetyGymVectorEnv(
         cfg.env,
         cfg.num_envs,
         asynchronous=asynchronous,
         context=context,
         costs=cfg.costs,
+        action_repeat=cfg.action_repeat,
     )
 
 
@@ -198,16 +201,25 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def _check_resumable(saved: ckpt.RunSpec, spec: ckpt.RunSpec) -> None:
+    fixed = (
+        "seed",
+        "num_envs",
+        "batch_size",
+        "update_ratio",
+        "update_every",
+        "warmup_steps",
+        "action_repeat",
+    )
+    changed = [f for f in fixed if getattr(saved.train, f) != getattr(spec.train, f)]
+    if changed:
+        # Checked first: a changed action_repeat also changes algo.episode_length.
+        raise ValueError(f"resume=true cannot change {changed}; they were fixed by the run.")
     if saved.algo != spec.algo or saved.env_id != spec.env_id:
         raise ValueError(
             "resume=true needs the algorithm configuration and environment the run was "
             f"started with (saved env {saved.env_id}, algo {saved.algo}); got env "
             f"{spec.env_id}, algo {spec.algo}."
         )
-    fixed = ("seed", "num_envs", "batch_size", "update_ratio", "update_every", "warmup_steps")
-    changed = [f for f in fixed if getattr(saved.train, f) != getattr(spec.train, f)]
-    if changed:
-        raise ValueError(f"resume=true cannot change {changed}; they were fixed by the run.")
 
 
 def train(
@@ -238,6 +250,13 @@ def train(
         )
     env = env_factory(cfg)
     try:
+        repeat = getattr(env, "action_repeat", 1)
+        if repeat != cfg.action_repeat:
+            raise ValueError(
+                f"action_repeat={cfg.action_repeat}: this env holds each action for {repeat} "
+                "step(s); action repeat is applied by the host loop's Safety-Gymnasium and "
+                "own-env factories only (not JAX envs), so use action_repeat=1 here."
+            )
         if episode_length_from_env:
             algo = algo.replace(episode_length=int(env.episode_length))
         return _train(cfg, algo, run_dir, resume, progress, env)
@@ -301,9 +320,10 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
         progress=progress,
     )
 
-    n, chunk = cfg.num_envs, cfg.update_every
+    # Env steps per vector step: each of the n envs holds its action for k steps.
+    n, k, chunk = cfg.num_envs, cfg.action_repeat, cfg.update_every
     staging = {
-        name: np.zeros((chunk, *leaf.shape), np.float32)
+        name: np.zeros((chunk // k, *leaf.shape), np.float32)
         for name, leaf in replay.example._asdict().items()
         if leaf is not None
     }
@@ -344,7 +364,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                 # saved is always whole chunks: buffer, counters and state agree.
                 steps = env_steps
                 finished_costs = []
-                for i in range(chunk // n):
+                for i in range(chunk // (n * k)):
                     if stop.requested:
                         break
                     if steps < cfg.warmup_steps:
@@ -361,13 +381,14 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                     staging["next_obs"][rows] = result.next_obs
                     staging["terminated"][rows] = result.terminated
                     staging["truncated"][rows] = result.truncated
-                    logger.record_episodes(*result.episode)
-                    done = result.episode[0]
-                    finished_costs.extend(np.asarray(result.episode[2])[np.flatnonzero(done)])
+                    done, ep_return, ep_cost, ep_length = result.episode
+                    # Lengths in env steps (exact unless an episode ends inside a repeat).
+                    logger.record_episodes(done, ep_return, ep_cost, ep_length * k)
+                    finished_costs.extend(np.asarray(ep_cost)[np.flatnonzero(done)])
                     calibration.record(obs, actions, result.reward, staging["cost"][rows])
                     calibration.finish(done, result.terminated, state.target_critic_params)
                     obs = result.obs
-                    steps += n
+                    steps += n * k
                 if stop.requested:
                     status = "interrupted"
                     break

@@ -345,6 +345,7 @@ def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
                 video_camera=args["video_camera"],
                 video_size=args["video_size"],
                 cost_names=spec.train.costs,
+                action_repeat=spec.train.action_repeat,
             )
         except evaluation.RenderError as err:
             print(f"error: {err}", file=sys.stderr)

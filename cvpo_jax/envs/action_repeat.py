@@ -6,19 +6,22 @@ early when the episode does. Its time limit is ceil(limit / k) decisions, so the
 episode (and the cost limit, which counts the episode's physical steps) is unchanged.
 
 Why: on PointGoal1 one physical step moves the robot at most ~3 cm (a hazard is
-0.4 m across); a 1-step change of action barely changes where it goes, so Q_c(s, a) hardly depends on a and the
-E-step's cost term ranks samples on noise. Held for k steps, each action matters k
-times more, and gamma per decision reaches k times further.
+0.4 m across); a 1-step change of action barely changes where it goes, so Q_c(s, a)
+hardly depends on a and the E-step's cost term ranks samples on noise. Held for k
+steps, each action matters k times more, and gamma per decision reaches k times
+further.
 
-Until the host loop has a knob for it, the benchmark tasks are named as your own
-envs, e.g. `env=cvpo_jax.envs.action_repeat:point_goal1_x2`. The loop then counts
-decisions: total_steps, warmup_steps, log_every, update_every and the metrics'
-env_steps are in decisions (x k physical steps), and update_ratio is per decision.
+The host loop applies it with `action_repeat=k` (counts stay in env steps). The
+factories below name the Goal1 tasks with the repeat built in, as your own envs
+(`env=cvpo_jax.envs.action_repeat:point_goal1_x4`); through them the loop counts
+decisions instead: total_steps, warmup_steps, log_every, update_every and the
+metrics' env_steps are then in decisions (x k env steps), update_ratio per decision.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium
@@ -28,12 +31,16 @@ from cvpo_jax.envs.custom import episode_length_of
 COST_PREFIX = "cost_"
 
 
+def check_repeat(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"action repeat k={k!r} must be an integer >= 1.")
+
+
 class ActionRepeat(gymnasium.Wrapper):
     """Repeats each action `k` times (see the module doc)."""
 
     def __init__(self, env: Any, k: int):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"action repeat k={k!r} must be an integer >= 1.")
+        check_repeat(k)
         super().__init__(env)
         self.k = k
         self.physical_episode_steps = episode_length_of(env, type(env).__name__)
@@ -58,6 +65,12 @@ class ActionRepeat(gymnasium.Wrapper):
             if terminated or truncated:
                 break
         return obs, reward, cost, terminated, truncated, {**info, **summed}
+
+
+def repeated(make_env: Callable[[], Any], k: int) -> ActionRepeat:
+    """`make_env()` wrapped in ActionRepeat(k); module-level so that it pickles for
+    subprocess envs."""
+    return ActionRepeat(make_env(), k)
 
 
 def _safety_gym(name: str, k: int) -> ActionRepeat:

@@ -124,7 +124,11 @@ def check_env(env: Any, spec: str, seed: int = 0) -> int:
 
 
 def make_custom_vector_env(
-    spec: str, num_envs: int, asynchronous: bool = False, context: str | None = None
+    spec: str,
+    num_envs: int,
+    asynchronous: bool = False,
+    context: str | None = None,
+    action_repeat: int = 1,
 ):
     """A `SafetyGymVectorEnv` of `num_envs` envs from the factory `spec`, checked first."""
     from cvpo_jax.envs.safety_gymnasium import SafetyGymVectorEnv
@@ -143,4 +147,5 @@ def make_custom_vector_env(
         asynchronous=asynchronous,
         context=context,
         env_id=spec,
+        action_repeat=action_repeat,
     )

@@ -16,6 +16,7 @@ merge (:func:`true_next_observations`) are pure functions of arrays.
 from __future__ import annotations
 
 import functools
+import math
 import multiprocessing
 import signal
 from collections.abc import Callable, Sequence
@@ -255,6 +256,7 @@ class SafetyGymVectorEnv:
         asynchronous: bool | None = None,
         context: str | None = None,
         costs: Sequence[str] | None = None,
+        action_repeat: int = 1,
     ):
         """Makes the vector env.
 
@@ -268,6 +270,9 @@ class SafetyGymVectorEnv:
           costs: the cost signals to report, e.g. ("hazards", "vases_contact"), from
             the step's `cost_<name>` info entries: `step` then returns cost [N, M] and
             episodes sum each. None: the env's scalar cost [N] (its `cost_sum`).
+          action_repeat: k >= 1: each env holds every action for k steps
+            (`cvpo_jax.envs.action_repeat.ActionRepeat`); steps, rewards, costs and
+            `episode_length` are then per decision.
         """
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
@@ -291,7 +296,7 @@ class SafetyGymVectorEnv:
             )
             for i in range(num_envs)
         ]
-        self._init(env_fns, asynchronous, context, episode_length, env_id, costs)
+        self._init(env_fns, asynchronous, context, episode_length, env_id, costs, action_repeat)
 
     @classmethod
     def from_env_fns(
@@ -303,23 +308,38 @@ class SafetyGymVectorEnv:
         context: str | None = None,
         env_id: str = "custom",
         costs: Sequence[str] | None = None,
+        action_repeat: int = 1,
     ) -> SafetyGymVectorEnv:
         """Wraps envs with the safety-gymnasium 6-tuple API (e.g. scripted test envs).
 
         Args:
           env_fns: N callables, each returning an env whose ``step`` returns
             (obs, reward, cost, terminated, truncated, info).
-          episode_length: the envs' time limit, reported as ``episode_length``.
+          episode_length: the envs' time limit in env steps; reported as
+            ``episode_length`` (in decisions: ceil(limit / action_repeat)).
+          action_repeat: see ``__init__``.
         """
         if len(env_fns) < 1:
             raise ValueError("from_env_fns needs at least one env fn, got 0")
         self = cls.__new__(cls)
-        self._init(list(env_fns), asynchronous, context, episode_length, env_id, costs)
+        self._init(
+            list(env_fns), asynchronous, context, episode_length, env_id, costs, action_repeat
+        )
         return self
 
-    def _init(self, env_fns, asynchronous, context, episode_length, env_id, costs=None) -> None:
+    def _init(
+        self, env_fns, asynchronous, context, episode_length, env_id, costs=None, action_repeat=1
+    ) -> None:
         import_safety_gymnasium()
         from safety_gymnasium.vector import SafetyAsyncVectorEnv, SafetySyncVectorEnv
+
+        from cvpo_jax.envs.action_repeat import check_repeat, repeated
+
+        check_repeat(action_repeat)
+        if action_repeat > 1:
+            env_fns = [functools.partial(repeated, fn, action_repeat) for fn in env_fns]
+            if episode_length is not None:
+                episode_length = math.ceil(episode_length / action_repeat)
 
         if asynchronous:
             if context == "forkserver":
@@ -352,7 +372,8 @@ class SafetyGymVectorEnv:
         self.action_size: int = int(act_space.shape[0])
         self.action_low: np.ndarray = np.asarray(act_space.low, np.float32)
         self.action_high: np.ndarray = np.asarray(act_space.high, np.float32)
-        self.episode_length: int | None = episode_length
+        self.episode_length: int | None = episode_length  # In decisions.
+        self.action_repeat: int = action_repeat
         self._action_dtype = act_space.dtype
         self.cost_names: tuple[str, ...] | None = None if costs is None else tuple(costs)
         self._closed = False
