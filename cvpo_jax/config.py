@@ -49,7 +49,7 @@ class CVPOConfig:
     critic_layer_norm: bool = False  # LayerNorm before each hidden ReLU of the critics.
     # Standardise observations with the mean and std of the warm-up data (fixed for the
     # run, stored with the parameters). Safety-Gymnasium's accelerometer varies ~35x more
-    # than its lidar rings; raw, it dominates the first layer's input.
+    # than its lidar rings; raw, it can drown them in the first layer (measured: no gain).
     normalize_obs: bool = False
     full_covariance: bool = True
     min_std: float = 1e-4  # Floor on the Cholesky diagonal: keeps log-probs finite.
