@@ -401,7 +401,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
                 ):
                     state = _apply_cost_feedback(state, finished_costs, algo)
                 if algo.normalize_obs and updates == 0 and env_steps >= cfg.learning_starts:
-                    state = _set_obs_statistics(learner, state, buffer_state, logger)
+                    state = _set_obs_statistics(state, buffer_state, logger)
                 if (
                     cfg.critic_pretrain_updates
                     and updates == 0
@@ -452,7 +452,7 @@ def _train(cfg, algo, run_dir, resume, progress, env) -> TrainResult:
     return TrainResult(run_dir, env_steps, updates, status, logger.last_row)
 
 
-def _set_obs_statistics(learner, state, buffer_state, logger):
+def _set_obs_statistics(state, buffer_state, logger):
     """The state with the observation statistics of the data in the buffer (the warm-up
     steps: this runs once, before the first update). A resumed run keeps the ones in
     its checkpoint."""
