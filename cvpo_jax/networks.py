@@ -6,7 +6,7 @@ Shapes follow the letters defined in `cvpo_jax.types`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import chex
 import flax.linen as nn
@@ -37,7 +37,7 @@ def normalise_obs(variables, obs: chex.Array) -> chex.Array:
     The statistics are constants of the run: no gradient reaches them, so the
     optimisers leave them exactly as they are.
     """
-    if not isinstance(variables, Mapping) or OBS_NORM not in variables:
+    if OBS_NORM not in variables:
         return obs
     stats = jax.lax.stop_gradient(variables[OBS_NORM])
     return jnp.clip((obs - stats["mean"]) / stats["std"], -OBS_CLIP, OBS_CLIP)

@@ -12,8 +12,9 @@ for k steps, each action matters k times more, and gamma per decision reaches k 
 further (measured: docs/results/pointgoal1-x4-1m).
 
 The host loop applies it with `action_repeat=k` (counts stay in env steps). The
-factories below name the Goal1 tasks with the repeat built in, as your own envs
-(`env=cvpo_jax.envs.action_repeat:point_goal1_x4`); through them the loop counts
+factories below name PointGoal1 with the repeat built in, as your own envs
+(`env=cvpo_jax.envs.action_repeat:point_goal1_x4`, what `docs/results/pointgoal1-x4-1m`
+ran before the key existed); through them the loop counts
 decisions instead: total_steps, warmup_steps, log_every, update_every and the
 metrics' env_steps are then in decisions (x k env steps), update_ratio per decision.
 """
@@ -27,8 +28,7 @@ from typing import Any
 import gymnasium
 
 from cvpo_jax.envs.custom import episode_length_of
-
-COST_PREFIX = "cost_"
+from cvpo_jax.envs.safety_gymnasium import COST_PREFIX
 
 
 def check_repeat(k: Any) -> None:
@@ -87,13 +87,3 @@ def point_goal1_x2() -> ActionRepeat:
 def point_goal1_x4() -> ActionRepeat:
     """SafetyPointGoal1-v0, each action held for 4 steps."""
     return _safety_gym("PointGoal1", 4)
-
-
-def car_goal1_x2() -> ActionRepeat:
-    """SafetyCarGoal1-v0, each action held for 2 steps."""
-    return _safety_gym("CarGoal1", 2)
-
-
-def car_goal1_x4() -> ActionRepeat:
-    """SafetyCarGoal1-v0, each action held for 4 steps."""
-    return _safety_gym("CarGoal1", 4)

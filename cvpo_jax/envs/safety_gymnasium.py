@@ -333,6 +333,7 @@ class SafetyGymVectorEnv:
         import_safety_gymnasium()
         from safety_gymnasium.vector import SafetyAsyncVectorEnv, SafetySyncVectorEnv
 
+        # Here, not at the top: action_repeat imports COST_PREFIX from this module.
         from cvpo_jax.envs.action_repeat import check_repeat, repeated
 
         check_repeat(action_repeat)
