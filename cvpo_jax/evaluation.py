@@ -225,10 +225,27 @@ def load_policy(
         env = jax_env if jax_env is not None else make_jax_env(spec.env_id, backend=spec.backend)
         learner, params, step = load_device_policy(run_dir, env, seed_index, step)
         return learner, params, spec, int(step)
+    learner, state, spec, step = load_train_state(run_dir, step, spec)
+    return learner, state.policy_params, spec, step
+
+
+def load_train_state(run_dir: str | os.PathLike, step: int | None = None, spec=None):
+    """A host run's learner and whole train state (critics included) at ``step`` (the
+    newest by default): (learner, state, spec, step). ``spec``: the run's RunSpec if
+    already read. Raises NotARunError as :func:`load_policy` does."""
+    run_dir = Path(run_dir)
+    spec = ckpt.load_run_spec(run_dir) if spec is None else spec
+    if spec.on_device:
+        raise ValueError(
+            f"{str(run_dir)!r} is an on-device run; its states are restored by "
+            "cvpo_jax.device_train.load_device_policy."
+        )
+    if step is None and not checkpoint_steps(run_dir):
+        raise ckpt.NotARunError(f"{str(run_dir)!r} holds no complete checkpoint.")
     learner = make_learner(spec.algo, spec.obs_size, spec.action_low, spec.action_high)
     like = learner.init(jax.random.PRNGKey(0))
     step, state, _, _ = ckpt.restore_checkpoint(run_dir, like, step=step, with_replay=False)
-    return learner, state.policy_params, spec, int(step)
+    return learner, state, spec, int(step)
 
 
 def policy_count(run_dir: str | os.PathLike, step: int) -> int:
@@ -250,7 +267,8 @@ def evaluation_env(spec, env: str | None = None) -> str:
     return spec.env_id
 
 
-def _make_env(env_id: str, render: dict | None):
+def make_eval_env(env_id: str, render: dict | None = None):
+    """One in-process env for evaluation: a Safety-Gymnasium task or an own factory's env."""
     from cvpo_jax.envs.custom import is_custom, load_factory
     from cvpo_jax.envs.safety_gymnasium import make_safety_gym_env
 
@@ -379,7 +397,7 @@ def evaluate_policy(
             "height": height,
             "camera_name": video_camera,
         }
-    env = _make_env(env_id, render)
+    env = make_eval_env(env_id, render)
     writer = None
     partial = None
     try:

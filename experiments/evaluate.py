@@ -7,6 +7,7 @@
     python -m experiments.evaluate 'run_dirs=[A,B,C]'   # or a glob, or sweep_dir=<folder>
     python -m experiments.evaluate run_dir=... env=PointGoal2     # on another task (same sizes)
     python -m experiments.evaluate run_dir=<an mjx/PointGoal1 run>  # each seed on SafetyPointGoal1
+    python -m experiments.evaluate run_dir=... calibrate=true   # + critics against realised sums
 
 Prints the return and cost (mean ± std over episodes) next to the run's cost limit
 and the training-time numbers (last metrics.csv row with finished episodes), and
@@ -14,6 +15,9 @@ writes them to <run_dir>/eval/eval_step<step>.json (eval_step<step>_stochastic.j
 with deterministic=false). Several runs (e.g. seeds) are evaluated one after the
 other and summarised in one table (per run, and mean ± std over runs) and one JSON
 (`out`, default <parent of the first run>/eval_<n>runs.json).
+With calibrate=true (host runs) the sampled policy also runs `episodes` episodes past
+the time limit and its critics are compared with the realised discounted return and
+cost-to-go (`cvpo_jax.rollout_calibration`), stored under "calibration" in the JSON.
 See experiments/conf/evaluate.yaml for every key.
 """
 
@@ -47,6 +51,7 @@ KEYS = {
     "video_height",
     "env",
     "seed_index",
+    "calibrate",
 }
 EVAL_DIR = "eval"
 
@@ -89,11 +94,16 @@ def parse_args(cfg: DictConfig) -> dict[str, Any]:
         "video_path": data.get("video_path"),
         "env": None if data.get("env") in (None, "") else str(data["env"]),
         "seed_index": _int(data, "seed_index", 0, allow_none=True),
+        "calibrate": _bool(data, "calibrate"),
     }
     if args["video_path"] is not None:
         if not args["video"]:
             raise UsageError("video_path is set but video=false; pass video=true to record.")
         args["video_path"] = Path(str(args["video_path"])).expanduser()
+    if args["calibrate"] and args["max_steps"] is not None:
+        raise UsageError(
+            "calibrate=true runs whole episodes on past the time limit: drop max_steps."
+        )
     if args["video"] and len(args["run_dirs"]) > 1:
         raise UsageError("video=true records one run: pass a single run_dir.")
     if args["out"] is not None and len(args["run_dirs"]) == 1:
@@ -238,16 +248,24 @@ def _main(cfg: DictConfig) -> int:
     print("\n" + summary_table(results))
     out = args["out"] or args["run_dirs"][0].parent / f"eval_{len(results)}runs.json"
     means = {k: [float(np.mean(r[k])) for r in results] for k in ("returns", "costs")}
-    evaluation.write_result(
-        out,
-        {
-            "runs": results,
-            "return_mean": float(np.mean(means["returns"])),
-            "return_std_over_runs": float(np.std(means["returns"])),
-            "cost_mean": float(np.mean(means["costs"])),
-            "cost_std_over_runs": float(np.std(means["costs"])),
-        },
-    )
+    summary = {
+        "runs": results,
+        "return_mean": float(np.mean(means["returns"])),
+        "return_std_over_runs": float(np.std(means["returns"])),
+        "cost_mean": float(np.mean(means["costs"])),
+        "cost_std_over_runs": float(np.std(means["costs"])),
+    }
+    if args["calibrate"]:
+        # Each constraint's Q_c bias over runs; per-run numbers stay under "runs".
+        biases = np.array([[c["bias"] for c in r["calibration"]["cost"]] for r in results])
+        bias_mean, bias_std = biases.mean(axis=0), biases.std(axis=0)
+        summary["calibration_qc_bias_mean"] = bias_mean.tolist()
+        summary["calibration_qc_bias_std_over_runs"] = bias_std.tolist()
+        print(
+            "  critic calibration, Q_c bias (Q - realised), mean ± std over runs: "
+            + ", ".join(f"{m:+.3f} ± {sd:.3f}" for m, sd in zip(bias_mean, bias_std, strict=True))
+        )
+    evaluation.write_result(out, summary)
     print(f"wrote {out}")
     return 0
 
@@ -305,7 +323,7 @@ def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
     learner, policy_params, spec, step = evaluation.load_policy(run_dir, args["step"], seed_index)
     env_id = evaluation.evaluation_env(spec, args["env"])
     if is_jax_env(env_id):
-        for key in ("video", "max_steps"):
+        for key in ("video", "max_steps", "calibrate"):
             if args[key]:
                 raise UsageError(
                     f"{key}={args[key]!r} is for Safety-Gymnasium tasks, not {env_id}."
@@ -356,6 +374,10 @@ def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
     training = evaluation.summarize_training(log_dir / "metrics.csv")
     print(report(spec, step, result, training, run_dir, seed_index))
 
+    calibration = None
+    if args["calibrate"]:
+        calibration = _calibrate(run_dir, spec, step, env_id, args)
+        print(calibration_report(calibration, spec))
     data = {
         "run_dir": str(run_dir),
         "trained_on": spec.env_id,
@@ -366,11 +388,60 @@ def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
         **result.to_json(),
         "wall_time": seconds,
         "training": training,
+        **({} if calibration is None else {"calibration": calibration.to_json()}),
     }
     json_path = out_dir / f"{stem}.json"
     evaluation.write_result(json_path, data)
     print(f"wrote {json_path}" + (f" and {video_path}" if video_path else ""))
     return data
+
+
+def _calibrate(run_dir: Path, spec, step: int, env_id: str, args: dict):
+    """The run's critics against rollouts past the time limit (`rollout_calibration`)."""
+    from cvpo_jax.evaluation import load_train_state
+    from cvpo_jax.rollout_calibration import calibrate_critics
+
+    if spec.on_device:
+        raise UsageError("calibrate=true is for host runs (the critics of one train state).")
+    learner, state, _, _ = load_train_state(run_dir, step, spec)
+    print(
+        f"[cvpo] calibration: {args['episodes']} sampled episode(s) run on past the time limit",
+        file=sys.stderr,
+        flush=True,
+    )
+    return calibrate_critics(
+        learner,
+        state,
+        env_id,
+        episodes=args["episodes"],
+        seed=args["seed"],
+        action_repeat=spec.train.action_repeat,
+        cost_names=spec.train.costs,
+    )
+
+
+def calibration_report(cal, spec) -> str:
+    """The calibration's lines: bias (Q - realised), correlation and realised mean."""
+
+    def row(name, s):
+        return f"  {name:<12}  {s['bias']:>+9.3f}  {s['corr']:>6.2f}  {s['mc']:>9.3f}"
+
+    names = ["Q_c"] if len(cal.cost) == 1 else [f"Q_c[{n}]" for n in spec.train.costs]
+    thresholds = spec.algo.qc_threshold if spec.algo.episode_length else None
+    lines = [
+        f"critic calibration ({cal.episodes} sampled episode(s) run {cal.tail_decisions} "
+        f"decisions past the time limit {cal.time_limit}; {cal.points} decisions compared):",
+        f"  {'':<12}  {'bias':>9}  {'corr':>6}  {'realised':>9}",
+        row("Q_r", cal.reward),
+        *(row(n, s) for n, s in zip(names, cal.cost, strict=True)),
+        row("Q_r at t=0", cal.start_reward),
+        *(row(n + " at t=0", s) for n, s in zip(names, cal.start_cost, strict=True)),
+        f"  sampled policy: return {cal.episode_returns.mean():.2f}, cost "
+        + ", ".join(f"{c:.1f}" for c in cal.episode_costs.mean(axis=0)),
+    ]
+    if thresholds:
+        lines.append("  E-step threshold on Q_c: " + ", ".join(f"{t:.3f}" for t in thresholds))
+    return "\n".join(lines)
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="evaluate")

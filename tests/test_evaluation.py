@@ -220,6 +220,7 @@ def test_cli_evaluates_and_writes_json(run_dir, tmp_path):
         ({"deterministic": "yes"}, "deterministic='yes' is invalid"),
         ({"video_path": "a.mp4"}, "video=false"),
         ({"foo": 1}, r"unknown key\(s\) \['foo'\]"),
+        ({"calibrate": True, "max_steps": 5}, "drop max_steps"),
     ],
 )
 def test_cli_arguments_are_validated(override, message):
@@ -307,10 +308,36 @@ def test_jax_evaluation_refuses_video_and_step_caps_before_building_anything(run
     data = OmegaConf.to_container(OmegaConf.load(REPO / "experiments/conf/evaluate.yaml"))
     data.pop("defaults"), data.pop("hydra")
     base = {**data, "run_dir": str(run_dir), "env": "mjx/PointGoal1"}
-    for extra, message in [({"video": True}, "video=True"), ({"max_steps": 5}, "max_steps=5")]:
+    for extra, message in [
+        ({"video": True}, "video=True"),
+        ({"max_steps": 5}, "max_steps=5"),
+        ({"calibrate": True}, "calibrate=True"),
+    ]:
         args = parse_args(OmegaConf.create({**base, **extra}))
         with pytest.raises(UsageError, match=f"{message} is for Safety-Gymnasium tasks"):
             _evaluate(run_dir, args)
+
+
+def test_calibration_through_the_cli_is_reported_and_stored(run_dir, capsys):
+    """calibrate=true adds the critics' calibration to the printed report and the
+    JSON; its first (only) episode is the stochastic evaluation's."""
+    from omegaconf import OmegaConf
+
+    from experiments.evaluate import _evaluate, parse_args
+
+    data = OmegaConf.to_container(OmegaConf.load(REPO / "experiments/conf/evaluate.yaml"))
+    data.pop("defaults"), data.pop("hydra")
+    overrides = {"run_dir": str(run_dir), "episodes": 1, "step": 200, "deterministic": False}
+    out = _evaluate(run_dir, parse_args(OmegaConf.create({**data, **overrides, "calibrate": True})))
+    printed = capsys.readouterr().out
+    assert "critic calibration (1 sampled episode(s) run 459 decisions past" in printed
+    assert "E-step threshold on Q_c" in printed
+    cal = out["calibration"]
+    assert cal["time_limit"] == 1000 and cal["points"] == len(range(0, 1000, 16))
+    assert cal["episode_returns"][0] == pytest.approx(out["returns"][0], rel=1e-9)
+    assert cal["episode_costs"][0][0] == pytest.approx(out["costs"][0], rel=1e-9)
+    written = json.loads((run_dir / "eval" / "eval_step200_stochastic.json").read_text())
+    assert written["calibration"]["cost"][0]["bias"] == pytest.approx(cal["cost"][0]["bias"])
 
 
 @pytest.mark.parametrize(
