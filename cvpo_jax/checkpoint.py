@@ -81,7 +81,8 @@ class RunSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunSpec:
         return cls(
-            train=TrainConfig(**data["train"]),
+            # Runs saved before action_repeat existed held each action once.
+            train=TrainConfig(**{"action_repeat": 1, **data["train"]}),
             algo=CVPOConfig(**data["algo"]),
             env_id=data["env_id"],
             obs_size=int(data["obs_size"]),

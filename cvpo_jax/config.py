@@ -451,7 +451,10 @@ class TrainConfig:
     chunks: every `update_every` env steps, round(update_every * update_ratio) updates
     run back to back in one jitted call. With `action_repeat` k the agent decides every
     k env steps (`cvpo_jax.envs.action_repeat`): the counts stay in env steps, one
-    transition (and `buffer_size`, `batch_size`) spans k of them.
+    transition (and `buffer_size`, `batch_size`) spans k of them. `action_repeat` None
+    is chosen per env when training starts (`resolve_action_repeat`: 4 on
+    Safety-Gymnasium's navigation tasks, 1 elsewhere); the checks below then use 1
+    and run again with the chosen k.
     """
 
     env: str = "CarGoal1"
@@ -463,12 +466,12 @@ class TrainConfig:
     batch_size: int = 256
     buffer_size: int = 200_000
     update_ratio: float = 0.2
-    update_every: int = 50
+    update_every: int = 40  # A multiple of num_envs * action_repeat (2 * 4).
     log_every: int = 2_000
     checkpoint_every: int = 20_000
     keep_checkpoints: int = 2
     critic_pretrain_updates: int = 0  # Critic-only updates on the warm-up data, once.
-    action_repeat: int = 1  # Env steps each action is held for (host envs).
+    action_repeat: int | None = None  # Env steps each action is held for; None: per env.
     # The constrained cost signals (Safety-Gymnasium's `cost_<name>` entries, e.g.
     # ("hazards", "vases_contact")), one cost limit each; ("sum",) is the env's cost.
     costs: tuple[str, ...] = ("sum",)
@@ -503,13 +506,19 @@ class TrainConfig:
             "log_every",
             "checkpoint_every",
             "keep_checkpoints",
-            "action_repeat",
         ):
             v = getattr(self, name)
             _check_train(_is_int(v) and v >= 1, name, v, "an integer >= 1")
         for name in ("warmup_steps", "critic_pretrain_updates"):
             v = getattr(self, name)
             _check_train(_is_int(v) and v >= 0, name, v, "an integer >= 0")
+        _check_train(
+            self.action_repeat is None or (_is_int(self.action_repeat) and self.action_repeat >= 1),
+            "action_repeat",
+            self.action_repeat,
+            "null (chosen per env) or an integer >= 1",
+        )
+        k = self.repeat
         _check_train(isinstance(self.async_envs, bool), "async_envs", self.async_envs, "a bool")
         _check_train(
             _is_number(self.update_ratio) and self.update_ratio > 0,
@@ -518,10 +527,10 @@ class TrainConfig:
             "a finite number > 0",
         )
         _check_train(
-            self.update_every % (self.num_envs * self.action_repeat) == 0,
+            self.update_every % (self.num_envs * k) == 0,
             "update_every",
             self.update_every,
-            f"a multiple of num_envs * action_repeat={self.num_envs * self.action_repeat} "
+            f"a multiple of num_envs * action_repeat={self.num_envs * k} "
             "(updates run between vector steps)",
         )
         _check_train(
@@ -546,12 +555,17 @@ class TrainConfig:
             f">= batch_size={self.batch_size}",
         )
         _check_train(
-            self.warmup_steps == 0 or self.warmup_steps >= self.batch_size * self.action_repeat,
+            self.warmup_steps == 0 or self.warmup_steps >= self.batch_size * k,
             "warmup_steps",
             self.warmup_steps,
-            f"0 or >= batch_size * action_repeat={self.batch_size * self.action_repeat} "
+            f"0 or >= batch_size * action_repeat={self.batch_size * k} "
             "(the first batch needs data)",
         )
+
+    @property
+    def repeat(self) -> int:
+        """The action repeat k (1 while `action_repeat` is None, not yet chosen)."""
+        return 1 if self.action_repeat is None else self.action_repeat
 
     @property
     def updates_per_chunk(self) -> int:
@@ -560,4 +574,4 @@ class TrainConfig:
     @property
     def learning_starts(self) -> int:
         """The env step after which updates run: after warm-up and a first full batch."""
-        return max(self.warmup_steps, self.batch_size * self.action_repeat)
+        return max(self.warmup_steps, self.batch_size * self.repeat)

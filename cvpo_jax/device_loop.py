@@ -251,7 +251,7 @@ def make_device_trainer(cfg: TrainConfig, algo: CVPOConfig, env) -> DeviceTraine
             f"constraint_form={algo.constraint_form!r}: the realised episode cost it needs is "
             "tracked in the host loop only; use constraint_form=level on device (or loop=host)."
         )
-    if cfg.action_repeat != 1:
+    if cfg.repeat != 1:
         raise ValueError(
             f"action_repeat={cfg.action_repeat}: action repeat runs in the host loop's "
             "Safety-Gymnasium and own envs only; use action_repeat=1 on device."

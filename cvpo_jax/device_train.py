@@ -10,6 +10,7 @@ host loop), checks for NaN/inf, and writes checkpoints; Ctrl-C saves and stops.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ def train_on_device(
         raise ValueError(f"num_seeds={num_seeds!r} must be an integer >= 1.")
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, resume)
+    if cfg.action_repeat is None:  # The on-device loop holds no action (checked below).
+        cfg = dataclasses.replace(cfg, action_repeat=1)
     trainer = make_device_trainer(cfg, algo, env)
     spec = ckpt.RunSpec.for_env(cfg, algo, env)
     sharding = seed_sharding(num_seeds, devices)

@@ -248,9 +248,15 @@ def train(
             f"cost_limit={list(algo.cost_limit)} has {algo.num_constraints} limit(s) for "
             f"costs={list(cfg.costs)}: give one limit per cost signal."
         )
+    from cvpo_jax.envs.action_repeat import resolve_action_repeat
+
+    if env_factory is make_env:
+        cfg = resolve_action_repeat(cfg)
     env = env_factory(cfg)
     try:
         repeat = getattr(env, "action_repeat", 1)
+        # Another factory's env says what action_repeat=null means.
+        cfg = resolve_action_repeat(cfg, repeat)
         if repeat != cfg.action_repeat:
             raise ValueError(
                 f"action_repeat={cfg.action_repeat}: this env holds each action for {repeat} "

@@ -53,8 +53,10 @@ def build_configs(
         algo["episode_length"] = episode_length if episode_length is not None else 1000
     cost_limit = data["cost_limit"]
     limits = tuple(cost_limit) if isinstance(cost_limit, (list, tuple)) else (cost_limit,)
+    from cvpo_jax.envs.action_repeat import resolve_action_repeat
+
     train = TrainConfig(**{k: v for k, v in data.items() if k in train_fields})
-    return train, CVPOConfig(cost_limit=limits, **algo)
+    return resolve_action_repeat(train), CVPOConfig(cost_limit=limits, **algo)
 
 
 def run_job(main: Callable[[], int | None]) -> int:

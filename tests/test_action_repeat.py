@@ -3,6 +3,7 @@ the host loop's `action_repeat` knob (env-step counts, transitions, evaluation).
 
 import csv
 import dataclasses
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,7 +15,7 @@ from cvpo_jax.config import CVPOConfig, TrainConfig
 from cvpo_jax.device_loop import make_device_trainer
 from cvpo_jax.envs import action_repeat
 from cvpo_jax.envs.action_repeat import ActionRepeat
-from cvpo_jax.envs.custom import check_env
+from cvpo_jax.envs.custom import check_env, make_custom_vector_env
 from cvpo_jax.envs.examples import STEP_SIZE, HazardPoint
 from cvpo_jax.learner import make_learner
 from cvpo_jax.train_loop import train
@@ -107,7 +108,8 @@ CFG = TrainConfig(
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"action_repeat": 0}, "action_repeat=0 is invalid: must be an integer >= 1"),
+        ({"action_repeat": 0}, "action_repeat=0 is invalid: must be null .* or an integer >= 1"),
+        ({"action_repeat": 2.0}, "action_repeat=2.0 is invalid"),
         ({"action_repeat": 4, "update_every": 20}, "multiple of num_envs \\* action_repeat=8"),
         (
             {"action_repeat": 4, "update_every": 40, "warmup_steps": 520},
@@ -118,6 +120,50 @@ CFG = TrainConfig(
 def test_bad_action_repeat_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_null_repeat_is_chosen_per_env():
+    """action_repeat=null: 4 on Safety-Gymnasium navigation tasks (any spelling), 1 on
+    velocity tasks, JAX envs and own envs; a set value is kept; the checks run again
+    with the chosen k and say where it came from."""
+    assert TrainConfig().action_repeat is None and TrainConfig().repeat == 1
+    resolve = action_repeat.resolve_action_repeat
+    for env, k in [
+        ("CarGoal1", 4),
+        ("SafetyPointButton2-v0", 4),
+        ("SafetyHopperVelocity-v1", 1),
+        ("brax/AntVelocity", 1),
+        ("mjx/PointGoal1", 1),
+        ("cvpo_jax.envs.examples:hazard_point", 1),
+    ]:
+        assert resolve(TrainConfig(env=env)).action_repeat == k, env
+    assert resolve(TrainConfig(env="CarGoal1", action_repeat=2)).action_repeat == 2
+    assert resolve(TrainConfig(env="CarGoal1"), 5).action_repeat == 5
+    with pytest.raises(ValueError, match=r"update_every=50 .*action_repeat=null holds each action"):
+        resolve(TrainConfig(env="CarGoal1", update_every=50))
+    with pytest.raises(ValueError, match="unknown"):
+        resolve(TrainConfig(env="CarGoal9"))
+
+
+def test_the_cli_and_the_loops_store_the_chosen_repeat(tmp_path):
+    """build_configs resolves null before anything runs; the host loop with another
+    factory takes the env's own repeat; the on-device loop stores 1."""
+    from omegaconf import OmegaConf
+
+    from experiments.cli import build_configs
+
+    yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "experiments/conf/train.yaml")
+    for key in ("defaults", "hydra"):
+        yaml.pop(key)
+    train_cfg, _ = build_configs(yaml)
+    assert train_cfg.env == "CarGoal1" and train_cfg.action_repeat == 4
+    yaml.env = "brax/AntVelocity"
+    assert build_configs(yaml)[0].action_repeat == 1
+
+    unset = dataclasses.replace(CFG, action_repeat=None)
+    factory = lambda cfg: make_custom_vector_env(EXAMPLE, 2, action_repeat=2)  # noqa: E731
+    train(unset, TINY, tmp_path / "own", progress=False, env_factory=factory)
+    assert ckpt.load_run_spec(tmp_path / "own").train.action_repeat == 2
 
 
 def test_the_loop_counts_env_steps_and_stores_one_transition_per_decision(tmp_path):

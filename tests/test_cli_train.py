@@ -100,12 +100,14 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_cargoal1_train_and_resume(tmp_path):
+    """The defaults' action repeat (4 on CarGoal1): counts in env steps, one
+    transition per 4, episode lengths in env steps; resume keeps it."""
     run_dir = tmp_path / "run"
     common = [
         "env=CarGoal1",
-        "warmup_steps=1000",
-        "log_every=500",
-        "checkpoint_every=500",
+        "warmup_steps=1040",
+        "log_every=400",
+        "checkpoint_every=400",
         "progress=false",
         f"run_dir={run_dir}",
         *TINY_ALGO,
@@ -116,15 +118,17 @@ def test_end_to_end_cargoal1_train_and_resume(tmp_path):
     assert "os.fork()" not in proc.stderr
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["env_steps"]) for r in rows] == [500, 1000, 1500, 2000]
+    assert [int(r["env_steps"]) for r in rows] == [400, 800, 1200, 1600, 2000]
     assert float(rows[-1]["eta"]) > 0 and rows[-1]["lambda"] != ""
     # CarGoal1 episodes are 1000 steps: the 2 envs both finish one at env step 2000.
-    assert [int(r["episodes"]) for r in rows] == [0, 0, 0, 2]
+    assert [int(r["episodes"]) for r in rows] == [0, 0, 0, 0, 2]
     assert float(rows[-1]["episode_length"]) == 1000
     assert 0 <= float(rows[-1]["episode_cost"]) <= 1000
+    spec = json.loads((run_dir / "run.json").read_text())
+    assert spec["train"]["action_repeat"] == 4 and spec["train"]["update_every"] == 40
+    assert spec["algo"]["episode_length"] == 250  # decisions
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "2000").is_dir()
-    assert (run_dir / "run.json").is_file()
     assert not list(tmp_path.glob("MUJOCO_LOG.TXT"))
     # A key that differs from the saved run fails in one line naming only that key.
     proc = run_train(f"run_dir={run_dir}", "resume=true", "algo.num_samples=16", cwd=tmp_path)
@@ -134,15 +138,15 @@ def test_end_to_end_cargoal1_train_and_resume(tmp_path):
     # Resume reads the rest from run.json: no algo keys retyped, and the env
     # subprocesses start without forking a running JAX runtime.
     proc = run_train(
-        f"run_dir={run_dir}", "resume=true", "total_steps=2500", "progress=false", cwd=tmp_path
+        f"run_dir={run_dir}", "resume=true", "total_steps=2400", "progress=false", cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "completed at env step 2500" in proc.stderr
+    assert "completed at env step 2400" in proc.stderr
     assert "os.fork()" not in proc.stderr
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["env_steps"]) for r in rows] == [500, 1000, 1500, 2000, 2500]
-    assert int(rows[-1]["updates"]) == int(rows[-2]["updates"]) + 100  # 500 steps x 0.2.
+    assert [int(r["env_steps"]) for r in rows] == [400, 800, 1200, 1600, 2000, 2400]
+    assert int(rows[-1]["updates"]) == int(rows[-2]["updates"]) + 80  # 400 steps x 0.2.
 
 
 @pytest.mark.slow
@@ -153,6 +157,8 @@ def test_sweep_runs_every_job_and_reports_the_failed_one(tmp_path):
         "-m",
         "algo.tau=2.0,0.5,0.4",
         "env=CarGoal1",
+        "action_repeat=1",
+        "update_every=50",
         "total_steps=600",
         "warmup_steps=500",
         "log_every=300",
@@ -183,6 +189,8 @@ def test_two_constraints_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train(
         "env=PointGoal2",
+        "action_repeat=1",
+        "update_every=50",
         "costs=[hazards,vases_contact]",
         "cost_limit=[20,5]",
         "total_steps=2000",
@@ -228,6 +236,8 @@ def test_kill_9_then_resume_with_nothing_retyped(tmp_path):
     run_dir = tmp_path / "run"
     args = [
         "env=CarGoal1",
+        "action_repeat=1",
+        "update_every=50",
         "total_steps=3000",
         "warmup_steps=1000",
         "log_every=500",

@@ -99,7 +99,7 @@ def test_train_and_evaluate_the_example_from_the_command_line(tmp_path):
     proc = run_train(
         f"env={EXAMPLE}",
         "total_steps=600",
-        "warmup_steps=300",
+        "warmup_steps=320",
         "log_every=200",
         "checkpoint_every=600",
         "progress=false",

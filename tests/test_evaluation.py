@@ -28,6 +28,7 @@ CFG = TrainConfig(
     warmup_steps=300,
     batch_size=32,
     update_every=50,
+    action_repeat=1,
     update_ratio=0.1,
     log_every=100,
     checkpoint_every=200,

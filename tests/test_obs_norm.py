@@ -175,6 +175,7 @@ def test_a_safety_gymnasium_run_standardises_and_evaluates_with_its_statistics(t
         buffer_size=1000,
         update_ratio=0.1,
         update_every=50,
+        action_repeat=1,
         log_every=100,
         checkpoint_every=300,
     )

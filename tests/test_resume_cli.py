@@ -10,7 +10,10 @@ from cvpo_jax.config import CVPOConfig, TrainConfig
 from experiments.cli import UsageError, build_configs
 from experiments.resume import override_keys, resumed_config
 
-TRAIN = TrainConfig(env="SafetyPointGoal1-v0", seed=3, total_steps=4000, warmup_steps=500)
+# As a run.json holds it: action_repeat chosen (null resolves to 4 on this task).
+TRAIN = TrainConfig(
+    env="SafetyPointGoal1-v0", seed=3, total_steps=4000, warmup_steps=1200, action_repeat=4
+)
 ALGO = CVPOConfig(hidden_sizes=(32, 32), num_samples=8, cost_limit=(10.0,), tau=0.1)
 SPEC = RunSpec(TRAIN, ALGO, "SafetyPointGoal1-v0", 60, (-1.0, -1.0), (1.0, 1.0))
 
@@ -46,10 +49,10 @@ def test_resume_with_nothing_retyped_is_the_saved_run():
 
 
 def test_allowed_keys_change_and_agreeing_keys_pass():
-    cfg = command_line(total_steps=9000, log_every=100, seed=3, algo__tau=0.1, cost_limit=[10])
+    cfg = command_line(total_steps=9000, log_every=200, seed=3, algo__tau=0.1, cost_limit=[10])
     given = ["run_dir", "resume", "total_steps", "log_every", "seed", "algo.tau", "cost_limit"]
     train, algo = build_configs(resumed_config(cfg, given, SPEC, None))
-    assert train == dataclasses.replace(TRAIN, total_steps=9000, log_every=100)
+    assert train == dataclasses.replace(TRAIN, total_steps=9000, log_every=200)
     assert algo == ALGO
 
 

@@ -79,7 +79,9 @@ def test_training_writes_metrics_tensorboard_checkpoints(tmp_path):
     assert list((tmp_path / "a" / "tb").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["200", "400"]
     spec = ckpt.load_run_spec(tmp_path / "a")
-    assert spec.algo == ALGO and spec.train == CFG and spec.env_id == "Scripted-v0"
+    # action_repeat=null is stored as the repeat the env has (1).
+    assert spec.train == dataclasses.replace(CFG, action_repeat=1)
+    assert spec.algo == ALGO and spec.env_id == "Scripted-v0"
     step, state, loop = restore_state(tmp_path / "a")
     assert step == 400 and int(state.step) == 30 and loop["updates"] == 30
 

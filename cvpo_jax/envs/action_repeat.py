@@ -21,6 +21,7 @@ metrics' env_steps are then in decisions (x k env steps), update_ratio per decis
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,39 @@ import gymnasium
 
 from cvpo_jax.envs.custom import episode_length_of
 from cvpo_jax.envs.safety_gymnasium import COST_PREFIX
+
+# The repeat `action_repeat=null` chooses on Safety-Gymnasium's navigation tasks:
+# measured best on PointGoal1 and CarGoal1 (docs/results/pointgoal1-x4-1m,
+# docs/results/cargoal1-x4-1m).
+NAVIGATION_REPEAT = 4
+
+
+def default_repeat(env: str) -> int:
+    """The action repeat `action_repeat=null` means for `env`: NAVIGATION_REPEAT on
+    Safety-Gymnasium's navigation tasks, 1 elsewhere (velocity tasks, JAX envs, whose
+    loop has no repeat, and your own envs, whose step is yours to size)."""
+    from cvpo_jax.envs.custom import is_custom
+    from cvpo_jax.envs.registry import is_navigation_id, resolve_env_id
+
+    if is_custom(env):
+        return 1
+    return NAVIGATION_REPEAT if is_navigation_id(resolve_env_id(env)) else 1
+
+
+def resolve_action_repeat(cfg, k: int | None = None):
+    """`cfg` (a TrainConfig) with `action_repeat` None replaced by ``k`` (default:
+    `default_repeat(cfg.env)`); a ValueError from the checks that k fails says where
+    k came from. A `cfg` with its repeat set is returned as it is."""
+    if cfg.action_repeat is not None:
+        return cfg
+    k = default_repeat(cfg.env) if k is None else k
+    try:
+        return dataclasses.replace(cfg, action_repeat=k)
+    except ValueError as err:
+        raise ValueError(
+            f"{err} (action_repeat=null holds each action for {k} env step(s) here; "
+            "set action_repeat explicitly to choose another repeat)"
+        ) from err
 
 
 def check_repeat(k: Any) -> None:

@@ -36,6 +36,11 @@ _NAVIGATION_ID = re.compile(
 _VELOCITY_ID = re.compile(r"^Safety(?P<short>[A-Za-z0-9]+Velocity)-v(?P<v>\d+)$")
 
 
+def is_navigation_id(env_id: str) -> bool:
+    """Whether a full id is one of Safety-Gymnasium's navigation tasks (SafetyPointGoal1-v0)."""
+    return _NAVIGATION_ID.match(env_id) is not None
+
+
 def build_safety_gym_names(env_ids: Iterable[str]) -> dict[str, str]:
     """Maps every accepted spelling (short name, full id) to a full id.
 
