@@ -256,18 +256,35 @@ def _main(cfg: DictConfig) -> int:
         "cost_std_over_runs": float(np.std(means["costs"])),
     }
     if args["calibrate"]:
-        # Each constraint's Q_c bias over runs; per-run numbers stay under "runs".
-        biases = np.array([[c["bias"] for c in r["calibration"]["cost"]] for r in results])
-        bias_mean, bias_std = biases.mean(axis=0), biases.std(axis=0)
-        summary["calibration_qc_bias_mean"] = bias_mean.tolist()
-        summary["calibration_qc_bias_std_over_runs"] = bias_std.tolist()
+        calibration = calibration_over_runs(results)
+        summary.update(calibration)
         print(
             "  critic calibration, Q_c bias (Q - realised), mean ± std over runs: "
-            + ", ".join(f"{m:+.3f} ± {sd:.3f}" for m, sd in zip(bias_mean, bias_std, strict=True))
+            + ", ".join(
+                f"{m:+.3f} ± {sd:.3f}"
+                for m, sd in zip(
+                    calibration["calibration_qc_bias_mean"],
+                    calibration["calibration_qc_bias_std_over_runs"],
+                    strict=True,
+                )
+            )
         )
     evaluation.write_result(out, summary)
     print(f"wrote {out}")
     return 0
+
+
+def calibration_over_runs(results: list[dict]) -> dict[str, list[float]]:
+    """Each constraint's Q_c calibration bias and realised mean, mean and population
+    std over runs ([M] lists); the per-run numbers stay under "runs"."""
+    import numpy as np
+
+    out = {}
+    for key in ("bias", "mc"):
+        values = np.array([[c[key] for c in r["calibration"]["cost"]] for r in results])
+        out[f"calibration_qc_{key}_mean"] = values.mean(axis=0).tolist()
+        out[f"calibration_qc_{key}_std_over_runs"] = values.std(axis=0).tolist()
+    return out
 
 
 def _seed_indices(run_dir: Path, args: dict) -> list[int]:

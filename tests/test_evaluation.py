@@ -341,6 +341,20 @@ def test_calibration_through_the_cli_is_reported_and_stored(run_dir, capsys):
     assert written["calibration"]["cost"][0]["bias"] == pytest.approx(cal["cost"][0]["bias"])
 
 
+def test_calibration_over_runs_is_per_constraint():
+    from experiments.evaluate import calibration_over_runs
+
+    runs = [
+        {"calibration": {"cost": [{"bias": -1.0, "mc": 10.0}, {"bias": 0.5, "mc": 2.0}]}},
+        {"calibration": {"cost": [{"bias": -3.0, "mc": 14.0}, {"bias": 0.5, "mc": 4.0}]}},
+    ]
+    out = calibration_over_runs(runs)
+    assert out["calibration_qc_bias_mean"] == [-2.0, 0.5]
+    assert out["calibration_qc_bias_std_over_runs"] == [1.0, 0.0]
+    assert out["calibration_qc_mc_mean"] == [12.0, 3.0]
+    assert out["calibration_qc_mc_std_over_runs"] == [2.0, 1.0]
+
+
 @pytest.mark.parametrize(
     ("step_costs", "expected"),
     [
