@@ -128,6 +128,13 @@ def rollout_calibration(
       tail_tol, max_points: the tail weight allowed and the decisions compared per
         episode (evenly spaced over the episode proper, the first always included).
     """
+    for name, value, ok, allowed in [
+        ("episodes", episodes, isinstance(episodes, int) and episodes >= 1, "an integer >= 1"),
+        ("tail_tol", tail_tol, 0 < tail_tol < 1, "in (0, 1)"),
+        ("max_points", max_points, isinstance(max_points, int) and max_points >= 1, ">= 1"),
+    ]:
+        if not ok:
+            raise ValueError(f"{name}={value!r} must be {allowed}.")
     cost_gamma = gamma if cost_gamma is None else cost_gamma
     if cost_names is not None and tuple(cost_names) == ("sum",):
         cost_names = None

@@ -145,6 +145,14 @@ def test_a_limit_it_cannot_lift_is_an_error():
             seed=0,
             gamma=0.9,
         )
+    for bad, message in [
+        ({"episodes": 0}, "episodes=0 must be an integer >= 1"),
+        ({"tail_tol": 1.0}, r"tail_tol=1.0 must be in \(0, 1\)"),
+        ({"max_points": 0}, "max_points=0 must be >= 1"),
+    ]:
+        kwargs = {"episodes": 1, "seed": 0, "gamma": 0.9, **bad}
+        with pytest.raises(ValueError, match=message):
+            rollout_calibration(Counter(), None, None, **kwargs)
     with pytest.raises(ValueError, match="no time limit"):
         lift_time_limit(gym.make("CartPole-v1").unwrapped, 10)
 
