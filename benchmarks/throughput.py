@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
         raw_steps = 200
     else:
         algo = CVPOConfig()
-        log_every = 500
+        log_every = 480  # A multiple of the default update_every (40).
         warmup = 1000
         cfg = TrainConfig(
             env=args.env,
