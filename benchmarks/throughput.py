@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     else:
         algo = CVPOConfig()
         log_every = 480  # A multiple of the default update_every (40).
-        warmup = 1000
+        warmup = 1040  # >= batch_size * action_repeat (256 * 4) on navigation tasks.
         cfg = TrainConfig(
             env=args.env,
             num_envs=args.num_envs,
