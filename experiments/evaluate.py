@@ -339,6 +339,8 @@ def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
 
     learner, policy_params, spec, step = evaluation.load_policy(run_dir, args["step"], seed_index)
     env_id = evaluation.evaluation_env(spec, args["env"])
+    if args["calibrate"] and spec.on_device:
+        raise UsageError("calibrate=true is for host runs (the critics of one train state).")
     if is_jax_env(env_id):
         for key in ("video", "max_steps", "calibrate"):
             if args[key]:
@@ -418,8 +420,6 @@ def _calibrate(run_dir: Path, spec, step: int, env_id: str, args: dict):
     from cvpo_jax.evaluation import load_train_state
     from cvpo_jax.rollout_calibration import calibrate_critics
 
-    if spec.on_device:
-        raise UsageError("calibrate=true is for host runs (the critics of one train state).")
     learner, state, _, _ = load_train_state(run_dir, step, spec)
     print(
         f"[cvpo] calibration: {args['episodes']} sampled episode(s) run on past the time limit",
