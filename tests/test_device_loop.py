@@ -230,6 +230,8 @@ def test_train_on_device_checkpoints_resume_and_policy_loading(tmp_path):
     np.testing.assert_array_equal(
         q1["params"]["Dense_0"]["kernel"], p1["params"]["Dense_0"]["kernel"]
     )
+    # action_repeat=null is stored as the on-device loop's 1.
+    assert CFG.action_repeat is None and spec.train.action_repeat == 1
 
 
 def test_updates_stay_a_real_branch_when_seeds_are_vmapped(trainer):
