@@ -42,7 +42,10 @@ def _unknown(keys, allowed, where: str) -> None:
 def build_configs(
     cfg: DictConfig, episode_length: int | None = None
 ) -> tuple[TrainConfig, CVPOConfig]:
-    """Validated (TrainConfig, CVPOConfig) from the composed command-line config."""
+    """Validated (TrainConfig, CVPOConfig) from the composed command-line config, with
+    `action_repeat` null replaced by the env's default repeat."""
+    from cvpo_jax.envs.action_repeat import resolve_action_repeat
+
     data = to_dict(cfg)
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     algo_fields = {f.name for f in dataclasses.fields(CVPOConfig)} - {"cost_limit"}
@@ -53,8 +56,6 @@ def build_configs(
         algo["episode_length"] = episode_length if episode_length is not None else 1000
     cost_limit = data["cost_limit"]
     limits = tuple(cost_limit) if isinstance(cost_limit, (list, tuple)) else (cost_limit,)
-    from cvpo_jax.envs.action_repeat import resolve_action_repeat
-
     train = TrainConfig(**{k: v for k, v in data.items() if k in train_fields})
     return resolve_action_repeat(train), CVPOConfig(cost_limit=limits, **algo)
 

@@ -147,7 +147,7 @@ def test_null_repeat_is_chosen_per_env():
 
 def test_the_cli_and_the_loops_store_the_chosen_repeat(tmp_path):
     """build_configs resolves null before anything runs; the host loop with another
-    factory takes the env's own repeat; the on-device loop stores 1."""
+    factory takes the env's own repeat (the on-device loop's 1: test_device_loop)."""
     from omegaconf import OmegaConf
 
     from experiments.cli import build_configs
