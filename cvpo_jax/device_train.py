@@ -10,7 +10,6 @@ host loop), checks for NaN/inf, and writes checkpoints; Ctrl-C saves and stops.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -77,8 +76,9 @@ def train_on_device(
         raise ValueError(f"num_seeds={num_seeds!r} must be an integer >= 1.")
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, resume)
-    if cfg.action_repeat is None:  # The on-device loop holds no action (checked below).
-        cfg = dataclasses.replace(cfg, action_repeat=1)
+    from cvpo_jax.envs.action_repeat import resolve_action_repeat
+
+    cfg = resolve_action_repeat(cfg, 1)  # The on-device loop holds no action.
     trainer = make_device_trainer(cfg, algo, env)
     spec = ckpt.RunSpec.for_env(cfg, algo, env)
     sharding = seed_sharding(num_seeds, devices)

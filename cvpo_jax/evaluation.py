@@ -202,6 +202,39 @@ def load_policy(
       ValueError: ``seed_index`` outside the on-device run's seeds.
     """
     run_dir = Path(run_dir)
+    spec = _checked_run(run_dir, step)
+    if spec.on_device or jax_env is not None:
+        from cvpo_jax.device_train import load_device_policy
+        from cvpo_jax.envs.registry import make_jax_env
+
+        env = jax_env if jax_env is not None else make_jax_env(spec.env_id, backend=spec.backend)
+        learner, params, step = load_device_policy(run_dir, env, seed_index, step)
+        return learner, params, spec, int(step)
+    learner, state, step = _restore_host_state(run_dir, spec, step)
+    return learner, state.policy_params, spec, step
+
+
+def load_train_state(run_dir: str | os.PathLike, step: int | None = None):
+    """A host run's learner and whole train state (critics included) at ``step`` (the
+    newest by default): (learner, state, spec, step).
+
+    Raises:
+      NotARunError: as :func:`load_policy`.
+      ValueError: an on-device run (one state per seed: `load_device_policy`).
+    """
+    run_dir = Path(run_dir)
+    spec = _checked_run(run_dir, step)
+    if spec.on_device:
+        raise ValueError(
+            f"{str(run_dir)!r} is an on-device run, whose train states are not host "
+            "states; its policies load with load_policy(seed_index=...)."
+        )
+    learner, state, step = _restore_host_state(run_dir, spec, step)
+    return learner, state, spec, step
+
+
+def _checked_run(run_dir: Path, step: int | None):
+    """The RunSpec of a run that holds a checkpoint (at ``step``, if given)."""
     try:
         spec = ckpt.load_run_spec(run_dir)
     except ckpt.NotARunError:
@@ -218,34 +251,15 @@ def load_policy(
             f"{str(run_dir)!r} has no checkpoint at step {step}; available steps: "
             f"{', '.join(map(str, steps))}."
         )
-    if spec.on_device or jax_env is not None:
-        from cvpo_jax.device_train import load_device_policy
-        from cvpo_jax.envs.registry import make_jax_env
-
-        env = jax_env if jax_env is not None else make_jax_env(spec.env_id, backend=spec.backend)
-        learner, params, step = load_device_policy(run_dir, env, seed_index, step)
-        return learner, params, spec, int(step)
-    learner, state, spec, step = load_train_state(run_dir, step, spec)
-    return learner, state.policy_params, spec, step
+    return spec
 
 
-def load_train_state(run_dir: str | os.PathLike, step: int | None = None, spec=None):
-    """A host run's learner and whole train state (critics included) at ``step`` (the
-    newest by default): (learner, state, spec, step). ``spec``: the run's RunSpec if
-    already read. Raises NotARunError as :func:`load_policy` does."""
-    run_dir = Path(run_dir)
-    spec = ckpt.load_run_spec(run_dir) if spec is None else spec
-    if spec.on_device:
-        raise ValueError(
-            f"{str(run_dir)!r} is an on-device run; its states are restored by "
-            "cvpo_jax.device_train.load_device_policy."
-        )
-    if step is None and not checkpoint_steps(run_dir):
-        raise ckpt.NotARunError(f"{str(run_dir)!r} holds no complete checkpoint.")
+def _restore_host_state(run_dir: Path, spec, step: int | None):
+    """(learner, train state, step) of a host run's checkpoint (the newest if None)."""
     learner = make_learner(spec.algo, spec.obs_size, spec.action_low, spec.action_high)
     like = learner.init(jax.random.PRNGKey(0))
     step, state, _, _ = ckpt.restore_checkpoint(run_dir, like, step=step, with_replay=False)
-    return learner, state, spec, int(step)
+    return learner, state, int(step)
 
 
 def policy_count(run_dir: str | os.PathLike, step: int) -> int:

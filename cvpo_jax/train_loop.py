@@ -87,9 +87,13 @@ def env_start_method() -> str | None:
 
 def make_env(cfg: TrainConfig):
     """The default environment factory: a Safety-Gymnasium vector env (or one of your
-    own envs, `env=package.module:factory`)."""
+    own envs, `env=package.module:factory`), holding each action for `action_repeat`
+    steps (null: the env's default repeat)."""
+    from cvpo_jax.envs.action_repeat import resolve_action_repeat
     from cvpo_jax.envs.custom import is_custom, make_custom_vector_env
     from cvpo_jax.envs.safety_gymnasium import SafetyGymVectorEnv
+
+    cfg = resolve_action_repeat(cfg)
 
     asynchronous = cfg.async_envs and cfg.num_envs > 1
     context = env_start_method() if asynchronous else None
@@ -250,12 +254,10 @@ def train(
         )
     from cvpo_jax.envs.action_repeat import resolve_action_repeat
 
-    if env_factory is make_env:
-        cfg = resolve_action_repeat(cfg)
     env = env_factory(cfg)
     try:
         repeat = getattr(env, "action_repeat", 1)
-        # Another factory's env says what action_repeat=null means.
+        # The env says what action_repeat=null came to.
         cfg = resolve_action_repeat(cfg, repeat)
         if repeat != cfg.action_repeat:
             raise ValueError(

@@ -334,13 +334,20 @@ def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
     """Evaluates one policy of a run, prints its report and writes its JSON; None on a
     render error."""
     # Before anything imports mujoco: headless rendering needs MUJOCO_GL set.
-    from cvpo_jax import evaluation
+    from cvpo_jax import checkpoint, evaluation
     from cvpo_jax.envs.registry import is_jax_env
 
-    learner, policy_params, spec, step = evaluation.load_policy(run_dir, args["step"], seed_index)
+    state = None
+    if args["calibrate"]:  # The whole train state: the critics too, restored once.
+        if checkpoint.load_run_spec(run_dir).on_device:
+            raise UsageError("calibrate=true is for host runs (the critics of one train state).")
+        learner, state, spec, step = evaluation.load_train_state(run_dir, args["step"])
+        policy_params = state.policy_params
+    else:
+        learner, policy_params, spec, step = evaluation.load_policy(
+            run_dir, args["step"], seed_index
+        )
     env_id = evaluation.evaluation_env(spec, args["env"])
-    if args["calibrate"] and spec.on_device:
-        raise UsageError("calibrate=true is for host runs (the critics of one train state).")
     if is_jax_env(env_id):
         for key in ("video", "max_steps", "calibrate"):
             if args[key]:
@@ -394,8 +401,8 @@ def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
     print(report(spec, step, result, training, run_dir, seed_index))
 
     calibration = None
-    if args["calibrate"]:
-        calibration = _calibrate(run_dir, spec, step, env_id, args)
+    if state is not None:
+        calibration = _calibrate(learner, state, spec, env_id, args)
         print(calibration_report(calibration, spec))
     data = {
         "run_dir": str(run_dir),
@@ -415,12 +422,10 @@ def _evaluate(run_dir: Path, args: dict, seed_index: int = 0) -> dict | None:
     return data
 
 
-def _calibrate(run_dir: Path, spec, step: int, env_id: str, args: dict):
+def _calibrate(learner, state, spec, env_id: str, args: dict):
     """The run's critics against rollouts past the time limit (`rollout_calibration`)."""
-    from cvpo_jax.evaluation import load_train_state
     from cvpo_jax.rollout_calibration import calibrate_critics
 
-    learner, state, _, _ = load_train_state(run_dir, step, spec)
     print(
         f"[cvpo] calibration: {args['episodes']} sampled episode(s) run on past the time limit",
         file=sys.stderr,
