@@ -99,6 +99,85 @@ def _step_costs(cost: float, info: dict, cost_names: Sequence[str] | None) -> np
     return np.array([float(info[f"cost_{name}"]) for name in cost_names])
 
 
+@dataclasses.dataclass(frozen=True)
+class EpisodeRun:
+    """One episode run past its time limit, per decision (D decisions).
+
+    obs [D, O], action [D, A], reward [D], cost [D, M] (summed over the k env steps of
+    each decision), next_obs [D, O]; ``terminated`` says whether the last decision
+    ended in a terminal state (else the run stopped at the lifted limit).
+    ``proper_return`` and ``proper_cost`` [M] are the sums over the episode proper.
+    """
+
+    obs: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    cost: np.ndarray
+    next_obs: np.ndarray
+    terminated: bool
+    proper_return: float
+    proper_cost: np.ndarray
+
+
+def run_past_limit(
+    env,
+    act_fn: Callable[[np.ndarray, int], np.ndarray],
+    seed: int,
+    t_global: int,
+    *,
+    limit: int,
+    tail: int,
+    k: int,
+    cost_names: Sequence[str] | None,
+) -> tuple[EpisodeRun, int]:
+    """Runs one episode (reset with ``seed``) of an env whose time limit `lift_time_limit`
+    raised from ``limit`` to limit + k * tail env steps, for ceil(limit / k) + tail
+    decisions or until it terminates; returns the run and ``t_global`` advanced by its
+    env steps (``act_fn``'s noise key)."""
+    proper = math.ceil(limit / k)
+    obs, _ = env.reset(seed=seed)
+    observations, actions, rewards, costs, next_obs = [], [], [], [], []
+    steps, ep_return, ep_cost = 0, 0.0, 0.0
+    end = False
+    while not end and len(rewards) < proper + tail:
+        action = np.asarray(act_fn(np.asarray(obs, np.float32), t_global), np.float32)
+        observations.append(np.asarray(obs, np.float32))
+        actions.append(action)
+        reward, cost = 0.0, 0.0
+        for _ in range(k):
+            obs, r, c, terminated, truncated, info = env.step(action)
+            x = _step_costs(c, info, cost_names)
+            reward, cost = reward + float(r), cost + x
+            if steps < limit:
+                ep_return += float(r)
+                ep_cost = ep_cost + x
+            steps += 1
+            t_global += 1
+            if terminated:
+                end = True
+                break
+            if truncated and steps < limit + k * tail:
+                raise RuntimeError(
+                    f"the env truncated its episode at env step {steps}, before the "
+                    f"lifted limit {limit + k * tail}: it has a time limit that "
+                    "lift_time_limit does not know."
+                )
+        rewards.append(reward)
+        costs.append(cost)
+        next_obs.append(np.asarray(obs, np.float32))
+    run = EpisodeRun(
+        obs=np.stack(observations),
+        action=np.stack(actions),
+        reward=np.asarray(rewards, np.float64),
+        cost=np.stack(costs).astype(np.float64),
+        next_obs=np.stack(next_obs),
+        terminated=end,
+        proper_return=ep_return,
+        proper_cost=np.asarray(ep_cost, np.float64).reshape(-1),
+    )
+    return run, t_global
+
+
 def rollout_calibration(
     env,
     act_fn: Callable[[np.ndarray, int], np.ndarray],
@@ -146,40 +225,15 @@ def rollout_calibration(
     returns, ep_costs = np.zeros(episodes), []
     t_global = 0  # Env steps so far, over all episodes.
     for ep in range(episodes):
-        obs, _ = env.reset(seed=seed + ep)
-        observations, actions, rewards, costs = [], [], [], []
-        steps, ep_cost = 0, 0.0
-        end = False
-        while not end and len(rewards) < proper + tail:
-            action = np.asarray(act_fn(np.asarray(obs, np.float32), t_global), np.float32)
-            observations.append(np.asarray(obs, np.float32))
-            actions.append(action)
-            reward, cost = 0.0, 0.0
-            for _ in range(k):
-                obs, r, c, terminated, truncated, info = env.step(action)
-                x = _step_costs(c, info, cost_names)
-                reward, cost = reward + float(r), cost + x
-                if steps < limit:
-                    returns[ep] += float(r)
-                    ep_cost = ep_cost + x
-                steps += 1
-                t_global += 1
-                if terminated:
-                    end = True
-                    break
-                if truncated and steps < limit + k * tail:
-                    raise RuntimeError(
-                        f"the env truncated its episode at env step {steps}, before the "
-                        f"lifted limit {limit + k * tail}: it has a time limit that "
-                        "lift_time_limit does not know."
-                    )
-            rewards.append(reward)
-            costs.append(cost)
-        ep_costs.append(ep_cost)
-        idx = calibration_points(min(proper, len(rewards)), True, gamma, tail_tol, max_points)
-        g_r = discounted_to_go(np.asarray(rewards), gamma)[idx]
-        g_c = discounted_to_go(np.stack(costs), cost_gamma)[idx]
-        q_r, q_c = q_fn(np.stack(observations)[idx], np.stack(actions)[idx])
+        run, t_global = run_past_limit(
+            env, act_fn, seed + ep, t_global, limit=limit, tail=tail, k=k, cost_names=cost_names
+        )
+        returns[ep] = run.proper_return
+        ep_costs.append(run.proper_cost)
+        idx = calibration_points(min(proper, len(run.reward)), True, gamma, tail_tol, max_points)
+        g_r = discounted_to_go(run.reward, gamma)[idx]
+        g_c = discounted_to_go(run.cost, cost_gamma)[idx]
+        q_r, q_c = q_fn(run.obs[idx], run.action[idx])
         pairs.append((np.asarray(q_r, np.float64), g_r, np.asarray(q_c, np.float64), g_c))
     q_r, g_r, q_c, g_c = (np.concatenate([p[j] for p in pairs]) for j in range(4))
     first = np.cumsum([0] + [len(p[0]) for p in pairs[:-1]])  # Each episode's t = 0.
@@ -229,17 +283,11 @@ def calibrate_critics(
 
     check_episodes_and_seed(episodes, seed)
     env_id = resolve_env_id(env_id)
-    key = jax.random.PRNGKey(seed)
     q_fn = jax.jit(learner.networks.pessimistic_q)
     env = make_eval_env(env_id)
     try:
-        low = np.asarray(env.action_space.low, np.float32)
-        high = np.asarray(env.action_space.high, np.float32)
-        check_policy_fits(learner, env_id, env.observation_space.shape, low.shape)
-
-        def act(obs, t):
-            a = learner.act(state.policy_params, obs[None], jax.random.fold_in(key, t), False)
-            return np.clip(np.asarray(a, np.float32)[0], low, high).astype(env.action_space.dtype)
+        check_policy_fits(learner, env_id, env.observation_space.shape, env.action_space.low.shape)
+        act = sampled_actor(learner, state.policy_params, env, seed)
 
         def q(obs, action):
             return jax.device_get(q_fn(state.target_critic_params, obs, action))
@@ -259,3 +307,22 @@ def calibrate_critics(
         )
     finally:
         env.close()
+
+
+def sampled_actor(
+    learner, policy_params, env, seed: int
+) -> Callable[[np.ndarray, int], np.ndarray]:
+    """act(obs [O], t) -> the policy's sampled action [A], clipped to ``env``'s box; the
+    noise of a decision after t env steps is ``fold_in(PRNGKey(seed), t)`` (as in a
+    stochastic `evaluate_policy`)."""
+    import jax
+
+    key = jax.random.PRNGKey(seed)
+    low = np.asarray(env.action_space.low, np.float32)
+    high = np.asarray(env.action_space.high, np.float32)
+
+    def act(obs, t):
+        a = learner.act(policy_params, obs[None], jax.random.fold_in(key, t), False)
+        return np.clip(np.asarray(a, np.float32)[0], low, high).astype(env.action_space.dtype)
+
+    return act

@@ -367,3 +367,41 @@ def test_calibration_over_runs_is_per_constraint():
 )
 def test_cost_stretches_counts_entries_and_the_longest_stay(step_costs, expected):
     assert cost_stretches(np.asarray(step_costs, np.float64)) == expected
+
+
+def test_refit_critic_cli_reports_three_critics(run_dir, capsys, tmp_path):
+    """experiments.refit_critic on the real CarGoal1 run: the frozen policy's episodes,
+    both fresh critics and the trained ones in the table and the JSON."""
+    from omegaconf import OmegaConf
+
+    from experiments.cli import UsageError
+    from experiments.refit_critic import _main
+
+    data = OmegaConf.to_container(OmegaConf.load(REPO / "experiments/conf/refit_critic.yaml"))
+    data.pop("defaults"), data.pop("hydra")
+    out = tmp_path / "refit.json"
+    args = {
+        **data, "run_dir": str(run_dir), "episodes": 1, "eval_episodes": 1, "updates": 20,
+        "batch_size": 16, "out": str(out),
+    }  # fmt: skip
+    assert _main(OmegaConf.create(args)) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["step"] == 400 and report["action_repeat"] == 1
+    # One episode of 1000 env steps run 459 decisions past its limit.
+    assert report["transitions"] == 1459
+    assert len(report["held_out_episode_costs"]) == 1
+    for part in ("held_out", "train"):
+        assert set(report[part]) == {"trained", "td", "mc"}
+        for name in ("trained", "td", "mc"):
+            assert f"| {name} | {part} |" in printed
+            assert np.isfinite(report[part][name]["cost"][0]["bias"])
+    for bad, message in [
+        ({"run_dir": None}, "no run given"),
+        ({"nope": 1}, r"unknown refit_critic key\(s\) \['nope'\]"),
+        ({"eval_episodes": 0}, "eval_episodes=0 must be an integer >= 1"),
+        ({"action_repeat": 0}, "action repeat k=0 must be an integer >= 1"),
+        ({"env": "brax/HalfCheetahVelocity"}, "is a JAX env"),
+    ]:
+        with pytest.raises((UsageError, ValueError), match=message):
+            _main(OmegaConf.create({**args, **bad}))
