@@ -93,13 +93,15 @@ def collect_on_policy(
     action_repeat: int = 1,
     cost_names: Sequence[str] | None = None,
     tail_tol: float = 0.01,
+    progress: Callable[[int], None] | None = None,
 ) -> OnPolicyData:
     """Runs ``episodes`` episodes (reset with seed, seed + 1, ...) past the lifted time
     limit and keeps every decision as a transition (the tail's too: they are the
     policy's data as well), with the realised to-go where it is exact.
 
     ``act_fn`` (obs [O], t) -> action [A] as in `rollout_calibration`; the env's limits
-    are raised (`lift_time_limit`) and it is not closed.
+    are raised (`lift_time_limit`) and it is not closed. ``progress`` is called with the
+    number of episodes done after each one.
     """
     if not (isinstance(episodes, int) and episodes >= 1):
         raise ValueError(f"episodes={episodes!r} must be an integer >= 1.")
@@ -136,6 +138,8 @@ def collect_on_policy(
             ("episode", np.full(d, ep)),
         ]:
             parts[name].append(value)
+        if progress is not None:
+            progress(ep + 1)
     return OnPolicyData(**{name: np.concatenate(v) for name, v in parts.items()})
 
 
@@ -321,6 +325,7 @@ def refit_report(
             sampled_actor(learner, state.policy_params, env, seed),
             episodes=episodes,
             seed=seed,
+            progress=lambda done: done % 10 or log(f"{done} of {episodes} episodes"),
             **collect,
         )
         held_out = collect_on_policy(

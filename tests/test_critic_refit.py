@@ -25,10 +25,12 @@ def zero_action(obs, t):
 def test_on_policy_rows_hold_transitions_and_exact_to_go(repeat):
     gamma, tol, T = 0.9, 0.05, 20
     H = tail_horizon(gamma, tol)
+    done = []
     data = collect_on_policy(
         Counter(limit=T), zero_action, episodes=2, seed=0, gamma=gamma, cost_gamma=0.5,
-        action_repeat=repeat, tail_tol=tol,
+        action_repeat=repeat, tail_tol=tol, progress=done.append,
     )  # fmt: skip
+    assert done == [1, 2]
     proper, length = T // repeat, T // repeat + H
     assert data.size == 2 * length
     np.testing.assert_array_equal(data.episode, np.repeat([0, 1], length))
