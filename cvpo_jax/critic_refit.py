@@ -359,7 +359,31 @@ def refit_report(
         "held_out": compare_critics(learner, critics, held_out),
         "train": compare_critics(learner, critics, train),
         "held_out_episode_costs": _episode_sums(held_out),
+        "rates_by_decision": rates_by_decision(train),
     }
+
+
+def rates_by_decision(data: OnPolicyData, width: int = 100) -> list[dict]:
+    """Mean reward and cost [M] per decision over the rows whose decision index within
+    their run lies in [lo, lo + width), for lo = 0, width, ...: whether the process is
+    stationary along an episode and past its time limit (a TD critic that cannot tell
+    early from late states values both at a mixture of their rates)."""
+    if not (isinstance(width, int) and width >= 1):
+        raise ValueError(f"width={width!r} must be an integer >= 1.")
+    starts = np.flatnonzero(np.r_[True, data.episode[1:] != data.episode[:-1]])
+    index = np.arange(data.size) - np.repeat(starts, np.diff(np.r_[starts, data.size]))
+    out = []
+    for lo in range(0, int(index.max()) + 1, width):
+        rows = (index >= lo) & (index < lo + width)
+        out.append(
+            {
+                "decisions": [lo, lo + width],
+                "rows": int(rows.sum()),
+                "reward": float(data.reward[rows].mean()),
+                "cost": data.cost[rows].mean(axis=0).tolist(),
+            }
+        )
+    return out
 
 
 def _episode_sums(data: OnPolicyData) -> list[float]:

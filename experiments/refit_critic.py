@@ -78,6 +78,11 @@ def format_report(report: dict) -> str:
                 f"| {name} | {part} | {c['bias']:+.2f} | {c['corr']:.2f} | {c['mc']:.2f} "
                 f"| {r['bias']:+.2f} | {r['corr']:.2f} | {r['mc']:.2f} |"
             )
+    rates = ", ".join(
+        f"{b['decisions'][0]}-{b['decisions'][1] - 1}: {b['cost'][0]:.3f}"
+        for b in report["rates_by_decision"]
+    )
+    lines += ["", f"Cost per decision by decision index (fitting episodes): {rates}"]
     return "\n".join(lines)
 
 

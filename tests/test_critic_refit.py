@@ -1,5 +1,7 @@
 """Fresh critics fitted to a frozen policy: the on-policy data, both fits, the report."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from cvpo_jax.critic_refit import (
     fit_mc,
     fit_td,
     fresh_critic_state,
+    rates_by_decision,
 )
 from cvpo_jax.learner import make_learner
 
@@ -132,3 +135,27 @@ def test_fresh_critic_state_is_new_critics_and_the_frozen_policy(constant_task):
         kwargs = {"updates": 10, "batch_size": 8, "seed": 0, **bad}
         with pytest.raises(ValueError, match=message):
             fit_td(learner, state, constant_task[2], **kwargs)
+
+
+def test_rates_by_decision_bucket_each_runs_decisions():
+    """Two runs of 5 and 3 decisions: index 0-1, 2-3, 4 within each run."""
+    data = collect_on_policy(
+        Counter(limit=20, terminate_at=5), zero_action, episodes=1, seed=0, gamma=0.9
+    )
+    data = dataclasses.replace(
+        data,
+        **{
+            f.name: np.concatenate([getattr(data, f.name), getattr(data, f.name)[:3]])
+            for f in dataclasses.fields(data)
+        },
+    )
+    data = dataclasses.replace(data, episode=np.array([0, 0, 0, 0, 0, 1, 1, 1]))
+    data = dataclasses.replace(data, reward=np.arange(8.0), cost=np.arange(8.0)[:, None] * 2)
+    out = rates_by_decision(data, width=2)
+    assert [b["decisions"] for b in out] == [[0, 2], [2, 4], [4, 6]]
+    assert [b["rows"] for b in out] == [4, 3, 1]
+    # Rows by index: 0 -> {0, 5}, 1 -> {1, 6}, 2 -> {2, 7}, 3 -> {3}, 4 -> {4}.
+    assert [b["reward"] for b in out] == [np.mean([0, 1, 5, 6]), np.mean([2, 3, 7]), 4.0]
+    assert out[1]["cost"] == [2 * np.mean([2, 3, 7])]
+    with pytest.raises(ValueError, match="width=0 must be an integer >= 1"):
+        rates_by_decision(data, width=0)
