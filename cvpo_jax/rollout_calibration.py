@@ -68,7 +68,8 @@ def lift_time_limit(env, extra_steps: int) -> int:
 
     Limits found: gymnasium TimeLimit-style wrappers' ``_max_episode_steps``,
     Safety-Gymnasium's ``task.num_steps`` and an own env's ``max_episode_steps``
-    attribute (what the training loop reads). ValueError if there is none.
+    attribute (what the training loop reads). ValueError if there is none. Lifting an
+    env again sets its limits from the original T (not from the lifted one).
     """
     holders = []
     layer = env
@@ -87,7 +88,11 @@ def lift_time_limit(env, extra_steps: int) -> int:
             f"{env!r} has no time limit this can lift (a TimeLimit wrapper, "
             "Safety-Gymnasium's task.num_steps or a max_episode_steps attribute)."
         )
-    limit = min(getattr(obj, name) for obj, name in holders)
+    # A second lift of the same env starts from the limit it had before the first.
+    limit = getattr(base, "_unlifted_time_limit", None)
+    if limit is None:
+        limit = min(getattr(obj, name) for obj, name in holders)
+        base._unlifted_time_limit = int(limit)
     for obj, name in holders:
         setattr(obj, name, limit + int(extra_steps))
     return int(limit)

@@ -55,6 +55,16 @@ def test_on_policy_rows_hold_transitions_and_exact_to_go(repeat):
     np.testing.assert_allclose(data.cost_to_go[valid, 0], g_c * 2, rtol=1e-12)
 
 
+def test_collecting_twice_from_one_env_runs_the_same_episodes():
+    """The held-out episodes come from the env the fitting ones did: its time limit
+    must be lifted from the original one again, not from the lifted one."""
+    env = Counter(limit=20)
+    first = collect_on_policy(env, zero_action, episodes=1, seed=0, gamma=0.9)
+    second = collect_on_policy(env, zero_action, episodes=1, seed=1, gamma=0.9)
+    assert second.size == first.size == 20 + tail_horizon(0.9, 0.01)
+    np.testing.assert_array_equal(second.valid, first.valid)
+
+
 def test_a_terminated_run_is_valid_throughout():
     data = collect_on_policy(
         Counter(limit=20, terminate_at=12), zero_action, episodes=1, seed=0, gamma=0.9,

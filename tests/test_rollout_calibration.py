@@ -160,8 +160,11 @@ def test_a_limit_it_cannot_lift_is_an_error():
 def test_lift_time_limit_on_real_envs():
     env = HazardPoint()
     assert lift_time_limit(env, 50) == 100 and env.max_episode_steps == 150
+    # Again: from the original limit, not the lifted one.
+    assert lift_time_limit(env, 20) == 100 and env.max_episode_steps == 120
     env = make_safety_gym_env("SafetyPointGoal1-v0")
     try:
+        assert lift_time_limit(env, 3) == 1000
         assert lift_time_limit(env, 7) == 1000
         assert env.unwrapped.task.num_steps == 1007
         env.reset(seed=0)
