@@ -360,7 +360,53 @@ def refit_report(
         "train": compare_critics(learner, critics, train),
         "held_out_episode_costs": _episode_sums(held_out),
         "rates_by_decision": rates_by_decision(train),
+        "level": level_decomposition(learner, state.policy_params, critics, train, seed),
     }
+
+
+def level_decomposition(
+    learner, policy_params, critics: dict, data: OnPolicyData, seed: int = 0
+) -> dict:
+    """What sets each critic's cost level on ``data`` (all rows, first constraint).
+
+    A TD critic with a bias unit satisfies, on its training data, mean TD error 0:
+    E[Q(s, a)] = E[c] + gamma E[Q(s', a')] (terminal rows without the bootstrap). So
+    E[Q] = (E[c] - gamma gap) / (1 - gamma), with gap = E[Q(s, a)] - E[Q(s', a')]:
+    a gap of the bootstrap values below the values at the data's actions lowers the
+    level 1 / (1 - gamma) times (100x at gamma 0.99). On a frozen policy's own data the
+    gap is only noise; a policy fitted to the actions one critic values lowest makes
+    it systematic. Per critic: q (E[Q(s, a)] at the data's actions), next_q
+    (E[alive Q(s', a')], a' ~ the policy ``policy_params`` that ran the data, sampled
+    with ``seed``), td_error (mean
+    c + gamma_c alive Q(s', a') - Q(s, a)), and stationary (E[c] / (1 - gamma_c): the
+    level if the gap were 0).
+    """
+    from cvpo_jax.learner import clip_to_box
+    from cvpo_jax.networks import policy_distribution
+
+    networks = learner.networks
+    gamma = learner.cfg.gamma_cost
+    obs, action, next_obs = (
+        jnp.asarray(x, jnp.float32) for x in (data.obs, data.action, data.next_obs)
+    )
+    mean, tril = networks.policy_apply(policy_params, next_obs)
+    next_action = clip_to_box(
+        policy_distribution(mean, tril).sample(seed=jax.random.PRNGKey(seed)), networks
+    )
+    q_fn = jax.jit(networks.pessimistic_q)
+    alive = 1.0 - np.asarray(data.terminated, np.float64)
+    c = np.asarray(data.cost[:, 0], np.float64)
+    out = {}
+    for name, params in critics.items():
+        q = np.asarray(q_fn(params, obs, action)[1][:, 0], np.float64)
+        q_next = alive * np.asarray(q_fn(params, next_obs, next_action)[1][:, 0], np.float64)
+        out[name] = {
+            "q": float(q.mean()),
+            "next_q": float(q_next.mean()),
+            "td_error": float(np.mean(c + gamma * q_next - q)),
+            "stationary": float(c.mean() / (1.0 - gamma)),
+        }
+    return out
 
 
 def rates_by_decision(data: OnPolicyData, width: int = 100) -> list[dict]:

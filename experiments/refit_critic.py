@@ -82,7 +82,16 @@ def format_report(report: dict) -> str:
         f"{b['decisions'][0]}-{b['decisions'][1] - 1}: {b['cost'][0]:.3f}"
         for b in report["rates_by_decision"]
     )
-    lines += ["", f"Cost per decision by decision index (fitting episodes): {rates}"]
+    lines += ["", f"Cost per decision by decision index (fitting episodes): {rates}", ""]
+    lines.append(
+        "Q_c level on the fitting episodes (all rows): E[Q(s,a)] / E[Q(s',pi)] / mean TD "
+        "error / E[c]/(1-gamma_c)"
+    )
+    for name, lv in report["level"].items():
+        lines.append(
+            f"  {name:8s} {lv['q']:7.2f} / {lv['next_q']:7.2f} / {lv['td_error']:+.3f} / "
+            f"{lv['stationary']:.2f}"
+        )
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from cvpo_jax.critic_refit import (
     fit_mc,
     fit_td,
     fresh_critic_state,
+    level_decomposition,
     rates_by_decision,
 )
 from cvpo_jax.learner import make_learner
@@ -124,6 +125,15 @@ def test_fresh_critics_fit_a_known_value_by_td_and_by_regression(constant_task):
         assert abs(out[name]["cost"][0]["bias"]) < 0.15, (name, out[name])
     # The untrained critics are far from it: the fits did the work.
     assert abs(out["trained"]["cost"][0]["bias"]) > 1.0
+    level = level_decomposition(
+        learner, state.policy_params, {"td": td_state.target_critic_params}, train
+    )["td"]
+    # Cost 1.5 per decision at gamma 0.5: the stationary level 3 and a TD error near 0;
+    # the reported means obey the TD error's definition.
+    assert level["stationary"] == pytest.approx(3.0, rel=1e-12)
+    assert level["q"] == pytest.approx(3.0, abs=0.15)
+    assert abs(level["td_error"]) < 0.05
+    assert level["td_error"] == pytest.approx(1.5 + 0.5 * level["next_q"] - level["q"], abs=1e-9)
 
 
 def test_fresh_critic_state_is_new_critics_and_the_frozen_policy(constant_task):

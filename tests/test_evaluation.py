@@ -393,6 +393,8 @@ def test_refit_critic_cli_reports_three_critics(run_dir, capsys, tmp_path):
     assert len(report["held_out_episode_costs"]) == 1
     assert [b["decisions"] for b in report["rates_by_decision"]][-1] == [1400, 1500]
     assert "Cost per decision by decision index (fitting episodes): 0-99: " in printed
+    assert set(report["level"]) == {"trained", "td", "mc"}
+    assert "Q_c level on the fitting episodes (all rows)" in printed
     for part in ("held_out", "train"):
         assert set(report[part]) == {"trained", "td", "mc"}
         for name in ("trained", "td", "mc"):
