@@ -27,7 +27,6 @@ episode proper.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -35,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cvpo_jax.calibration import calibration_stats, discounted_to_go, tail_horizon
+from cvpo_jax.calibration import calibration_stats, discounted_to_go
 from cvpo_jax.networks import OBS_NORM
-from cvpo_jax.rollout_calibration import lift_time_limit, run_past_limit, sampled_actor
+from cvpo_jax.rollout_calibration import lift_for_rollouts, run_past_limit, sampled_actor
 from cvpo_jax.types import Transition
 
 
@@ -105,13 +104,8 @@ def collect_on_policy(
     """
     if not (isinstance(episodes, int) and episodes >= 1):
         raise ValueError(f"episodes={episodes!r} must be an integer >= 1.")
-    cost_gamma = gamma if cost_gamma is None else cost_gamma
-    if cost_names is not None and tuple(cost_names) == ("sum",):
-        cost_names = None
-    k = int(action_repeat)
-    tail = tail_horizon(max(gamma, cost_gamma), tail_tol)
-    limit = lift_time_limit(env, k * tail)
-    proper = math.ceil(limit / k)
+    lifted = lift_for_rollouts(env, gamma, cost_gamma, action_repeat, cost_names, tail_tol)
+    cost_gamma, cost_names, k, tail, limit, proper = lifted
     parts: dict[str, list] = {f.name: [] for f in dataclasses.fields(OnPolicyData)}
     t_global = 0
     for ep in range(episodes):
@@ -185,15 +179,10 @@ def fit_td(
     state = fresh_critic_state(learner, state, jax.random.PRNGKey(seed))
     rng = np.random.default_rng(seed)
     rows = np.arange(data.size)
-    done = 0
-    while done < updates:
-        n = min(chunk, updates - done)
+    for n in _chunks(updates, chunk, progress):
         state, _ = learner.update_critics_many(
             state, data.transitions(_batch_indices(rng, rows, n, batch_size))
         )
-        done += n
-        if progress is not None:
-            progress(done)
     return state
 
 
@@ -231,19 +220,26 @@ def fit_mc(
     run = jax.jit(lambda carry, batches: jax.lax.scan(step, carry, batches)[0])
     rng = np.random.default_rng(seed)
     rows = np.flatnonzero(data.valid > 0)
-    done = 0
-    while done < updates:
-        n = min(chunk, updates - done)
+    for n in _chunks(updates, chunk, progress):
         idx = _batch_indices(rng, rows, n, batch_size)
         batches = tuple(
             jnp.asarray(x[idx], jnp.float32)
             for x in (data.obs, data.action, data.reward_to_go, data.cost_to_go)
         )
         params, opt_state = run((params, opt_state), batches)
+    return params
+
+
+def _chunks(updates: int, chunk: int, progress: Callable[[int], None] | None):
+    """Yields the sizes of the chunks that make up ``updates``; after each one the
+    caller has run, ``progress`` gets the updates done so far."""
+    done = 0
+    while done < updates:
+        n = min(chunk, updates - done)
+        yield n
         done += n
         if progress is not None:
             progress(done)
-    return params
 
 
 def _check_fit_args(updates, batch_size, chunk) -> None:

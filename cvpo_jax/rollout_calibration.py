@@ -98,6 +98,19 @@ def lift_time_limit(env, extra_steps: int) -> int:
     return int(limit)
 
 
+def lift_for_rollouts(env, gamma, cost_gamma, action_repeat, cost_names, tail_tol):
+    """Lifts ``env``'s time limit for rollouts that run H decisions past it (H from
+    the larger discount and ``tail_tol``); returns (cost_gamma, cost_names, k, H, T,
+    decisions of the episode proper), the first two with their defaults filled in."""
+    cost_gamma = gamma if cost_gamma is None else cost_gamma
+    if cost_names is not None and tuple(cost_names) == ("sum",):
+        cost_names = None
+    k = int(action_repeat)
+    tail = tail_horizon(max(gamma, cost_gamma), tail_tol)
+    limit = lift_time_limit(env, k * tail)
+    return cost_gamma, cost_names, k, tail, limit, math.ceil(limit / k)
+
+
 def _step_costs(cost: float, info: dict, cost_names: Sequence[str] | None) -> np.ndarray:
     if cost_names is None:
         return np.array([float(cost)])
@@ -219,13 +232,8 @@ def rollout_calibration(
     ]:
         if not ok:
             raise ValueError(f"{name}={value!r} must be {allowed}.")
-    cost_gamma = gamma if cost_gamma is None else cost_gamma
-    if cost_names is not None and tuple(cost_names) == ("sum",):
-        cost_names = None
-    k = int(action_repeat)
-    tail = tail_horizon(max(gamma, cost_gamma), tail_tol)
-    limit = lift_time_limit(env, k * tail)
-    proper = math.ceil(limit / k)
+    lifted = lift_for_rollouts(env, gamma, cost_gamma, action_repeat, cost_names, tail_tol)
+    cost_gamma, cost_names, k, tail, limit, proper = lifted
     pairs = []
     returns, ep_costs = np.zeros(episodes), []
     t_global = 0  # Env steps so far, over all episodes.
