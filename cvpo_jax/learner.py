@@ -239,12 +239,17 @@ def update_step(
         rng=rng,
     )
     qc_policy = jnp.mean(q_c, axis=(0, 1))
+    # The replay's actions valued against pi_old's at the same states: the bootstrap
+    # gap that, times 1 / (1 - gamma_c), sets the cost critic's level below the cost
+    # paid when the policy moves toward actions the critic values lowest.
+    qc_data = networks.pessimistic_q(state.target_critic_params, batch.obs, batch.action)[1]
     metrics = {
         **critic_aux,
         **estep_info,
         **mstep_info,
         "qc_policy": qc_policy,
         "qc_policy_ratio": qc_policy / jnp.maximum(qc_threshold, 1e-8),
+        "qc_data_gap": jax.lax.stop_gradient(jnp.mean(qc_data, axis=0) - qc_policy),
         "qc_threshold": qc_threshold,
     }
     return new_state, metrics

@@ -49,6 +49,7 @@ def test_update_metrics_and_state_shapes():
         "qc_ratio",
         "qc_policy",
         "qc_policy_ratio",
+        "qc_data_gap",
         "q_cost",
         "qc_threshold",
         "qc_reachable",
@@ -280,3 +281,24 @@ def test_mstep_fits_clipped_samples_when_asked(monkeypatch, fit_clipped):
     update_step(state, random_batch(jax.random.PRNGKey(1)), learner.networks, cfg)
     largest = float(jnp.max(jnp.abs(seen["mstep"])))
     assert (largest <= 1.0) if fit_clipped else (largest > 1.5)
+
+
+def test_qc_data_gap_is_the_data_actions_value_less_the_policys():
+    """Against an independent computation: the target cost critic at the batch's
+    actions, minus its mean over K clipped samples of pi_old (the same keys)."""
+    learner = make_learner(SMALL, OBS, [-1.0] * ACT, [1.0] * ACT)
+    state = learner.init(jax.random.PRNGKey(3))
+    batch = random_batch(jax.random.PRNGKey(4))
+    _, metrics = learner.update(jax.tree.map(jnp.copy, state), batch)
+    _, _, k_estep = jax.random.split(state.rng, 3)
+    nets = learner.networks
+    actions, _, _ = learner_lib.sample_actions(
+        state.target_policy_params, nets, batch.obs, k_estep, SMALL.num_samples
+    )
+    clipped = learner_lib.clip_to_box(actions, nets)
+    q_pi = nets.pessimistic_q(state.target_critic_params, batch.obs, clipped)[1]
+    q_data = nets.pessimistic_q(state.target_critic_params, batch.obs, batch.action)[1]
+    expected = np.mean(np.asarray(q_data, np.float64), axis=0) - np.mean(
+        np.asarray(q_pi, np.float64), axis=(0, 1)
+    )
+    np.testing.assert_allclose(np.asarray(metrics["qc_data_gap"]), expected, rtol=1e-4, atol=1e-5)
