@@ -249,7 +249,7 @@ def update_step(
         **mstep_info,
         "qc_policy": qc_policy,
         "qc_policy_ratio": qc_policy / jnp.maximum(qc_threshold, 1e-8),
-        "qc_data_gap": jax.lax.stop_gradient(jnp.mean(qc_data, axis=0) - qc_policy),
+        "qc_data_gap": jnp.mean(qc_data, axis=0) - qc_policy,
         "qc_threshold": qc_threshold,
     }
     return new_state, metrics
