@@ -89,6 +89,15 @@ class CVPOConfig:
     # the cost target follows costs actually paid and never bootstraps from actions
     # the E-step chose because their Q_c was extrapolated low.
     cost_bootstrap: str = "policy"
+    # A conservative term in the cost critics' loss (CQL-style, with the E-step's
+    # weights as the action distribution): weight * mean_s(Q_c(s, a_data) -
+    # sum_k q(a_k|s) Q_c(s, a_k)) lowers Q_c at the replay's actions and raises it
+    # where the E-step is about to move the policy, so the E-step cannot meet its
+    # threshold on actions whose Q_c is extrapolated low (`qc_data_gap`). 0: off.
+    cost_conservative_weight: float = 0.0
+    # States of each batch on which the term is estimated (its K actions each add a
+    # forward and backward pass of the critics: B' * K pairs).
+    cost_conservative_states: int = 64
 
     # E-step.
     num_samples: int = 16  # K actions per state.
@@ -198,6 +207,7 @@ class CVPOConfig:
             "episode_length",
             "n_step",
             "realised_cost_episodes",
+            "cost_conservative_states",
         ):
             v = getattr(self, name)
             _check(_is_int(v) and v >= 1, name, v, "an integer >= 1")
@@ -251,7 +261,12 @@ class CVPOConfig:
             self.lagrangian_kp,
             "0 unless lagrangian_scale=log (the proportional term multiplies lambda)",
         )
-        for name in ("lambda_max_log_step", "cost_feedback_gain", "lagrangian_kp"):
+        for name in (
+            "lambda_max_log_step",
+            "cost_feedback_gain",
+            "lagrangian_kp",
+            "cost_conservative_weight",
+        ):
             v = getattr(self, name)
             _check(_is_number(v) and v >= 0, name, v, "a finite number >= 0 (0 disables it)")
         fb = self.cost_feedback_bounds

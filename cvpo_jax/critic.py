@@ -63,19 +63,46 @@ def td_targets(
     return y_r, y_c
 
 
+def conservative_cost_gap(
+    q_c_data: chex.Array, q_c_samples: chex.Array, weights: chex.Array
+) -> chex.Array:
+    """Mean of Q_c(s, a_data) - sum_k w_k Q_c(s, a_k) over members, constraints, states.
+
+    Args:
+      q_c_data: [N_c, M, B] cost members at the replay's actions.
+      q_c_samples: [N_c, M, B, K] cost members at K sampled actions per state.
+      weights: [B, K] a distribution over the samples per state (the E-step's q).
+
+    Returns:
+      [] the gap; minimising it lowers Q_c at the data's actions and raises it at
+      the weighted samples.
+    """
+    chex.assert_rank([q_c_data, q_c_samples, weights], [3, 4, 2])
+    chex.assert_equal_shape_prefix([q_c_data, q_c_samples], 3)
+    chex.assert_equal_shape_suffix([q_c_samples, weights], 2)
+    weighted = jnp.einsum("nmbk,bk->nmb", q_c_samples, weights)
+    return jnp.mean(q_c_data - weighted)
+
+
 def make_critic_loss(
     networks: Networks,
     gamma: float,
     cost_gamma: float | None = None,
     cost_bootstrap: str = "policy",
+    conservative_weight: float = 0.0,
 ) -> Callable:
-    """Returns loss(critic_params, target_critic_params, target_policy_params, batch, key).
+    """Returns loss(critic_params, target_critic_params, target_policy_params, batch, key,
+    conservative=None).
 
     The loss is the mean squared TD error, averaged over members and batch, of the
     reward members plus that of the cost members; aux holds both parts and mean Qs.
     With cost_bootstrap "data" the cost members bootstrap at the batch's
     `next_action` where `has_next_action` is 1 (the target policy's sample elsewhere).
     With `networks.nonnegative_cost_q` the bootstrapped Q_c is clamped at 0.
+    With conservative_weight > 0 and `conservative` = (states [B'] int indices into
+    the batch, actions [B', K, A], weights [B', K]) the cost part adds
+    conservative_weight * `conservative_cost_gap` of the online cost members there
+    (aux "qc_conservative_gap"); with conservative None it adds nothing.
     """
 
     def loss_fn(
@@ -84,6 +111,7 @@ def make_critic_loss(
         target_policy_params: Params,
         batch: Transition,
         key: chex.PRNGKey,
+        conservative: tuple[chex.Array, chex.Array, chex.Array] | None = None,
     ) -> tuple[chex.Array, dict]:
         next_mean, next_tril = networks.policy_apply(target_policy_params, batch.next_obs)
         next_action = policy_distribution(next_mean, next_tril).sample(seed=key)
@@ -128,6 +156,13 @@ def make_critic_loss(
             "q_reward": jnp.mean(q_r),
             "q_cost": jnp.mean(q_c, axis=(0, 2)),
         }
+        if conservative_weight > 0 and conservative is not None:
+            states, actions, weights = conservative
+            obs = batch.obs[states]
+            q_samples = networks.cost_values(critic_params, obs, actions)
+            gap = conservative_cost_gap(q_c[:, :, states], q_samples, weights)
+            aux["qc_conservative_gap"] = gap
+            loss_c = loss_c + conservative_weight * gap
         return loss_r + loss_c, aux
 
     return loss_fn

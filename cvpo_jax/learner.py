@@ -137,10 +137,21 @@ def clip_to_box(action: chex.Array, networks: Networks) -> chex.Array:
     return jnp.clip(action, low, high)
 
 
-def _critic_step(state: TrainState, batch: Transition, networks: Networks, cfg: CVPOConfig, key):
-    """One gradient step of both critic ensembles: (critic params, optimiser state, aux)."""
+def _critic_step(
+    state: TrainState,
+    batch: Transition,
+    networks: Networks,
+    cfg: CVPOConfig,
+    key,
+    conservative=None,
+):
+    """One gradient step of both critic ensembles: (critic params, optimiser state, aux).
+
+    `conservative`: (states, actions, weights) for the conservative cost term (see
+    `critic.make_critic_loss`), or None.
+    """
     critic_loss = critic_lib.make_critic_loss(
-        networks, cfg.gamma, cfg.gamma_cost, cfg.cost_bootstrap
+        networks, cfg.gamma, cfg.gamma_cost, cfg.cost_bootstrap, cfg.cost_conservative_weight
     )
     (_, critic_aux), grads = jax.value_and_grad(critic_loss, has_aux=True)(
         state.critic_params,
@@ -148,6 +159,7 @@ def _critic_step(state: TrainState, batch: Transition, networks: Networks, cfg: 
         state.target_policy_params,
         batch,
         key,
+        conservative,
     )
     updates, critic_opt_state = critic_optimizer(cfg).update(
         grads, state.critic_opt_state, state.critic_params
@@ -182,12 +194,8 @@ def update_step(
     check_batch(batch, networks)
     rng, k_critic, k_estep = jax.random.split(state.rng, 3)
 
-    # 1. Policy evaluation.
-    critic_params, critic_opt_state, critic_aux = _critic_step(
-        state, batch, networks, cfg, k_critic
-    )
-
-    # 2. E-step on K samples from pi_old (the target policy) and the target critics.
+    # 1. E-step on K samples from pi_old (the target policy) and the target critics
+    # (it reads no online parameter, so it may come before the critics' step).
     actions, mean_old, tril_old = sample_actions(
         state.target_policy_params, networks, batch.obs, k_estep, cfg.num_samples
     )
@@ -209,6 +217,15 @@ def update_step(
         qc_threshold = constraint_lib.recovery_threshold(q_c, qc_threshold, cfg, reachable)
     estep_duals, weights, estep_info = estep_lib.estep(
         duals, q_r, q_c, qc_threshold, cfg, reachable
+    )
+
+    # 2. Policy evaluation (the conservative cost term at the E-step's samples).
+    conservative = None
+    if cfg.cost_conservative_weight > 0:
+        n = min(cfg.cost_conservative_states, batch.obs.shape[0])
+        conservative = (jnp.arange(n), clipped[:n], weights[:n])
+    critic_params, critic_opt_state, critic_aux = _critic_step(
+        state, batch, networks, cfg, k_critic, conservative
     )
 
     # 3. M-step: fit pi_theta to the weighted samples inside the KL trust region.

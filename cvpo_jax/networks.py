@@ -215,6 +215,16 @@ class Networks:
             )
         return self.critic.apply(_params_only(critic_params), obs, action)
 
+    def cost_values(self, critic_params, obs: chex.Array, action: chex.Array) -> chex.Array:
+        """The cost members alone at K actions per state: action [B, K, A] ->
+        [N_c, M, B, K] (the reward members are not evaluated)."""
+        members = jax.tree.map(
+            lambda p: p[self.num_reward_critics :], critic_params["params"]["members"]
+        )
+        cost_only = {**critic_params, "params": {**critic_params["params"], "members": members}}
+        q = self.critic_values(cost_only, obs, action)
+        return q.reshape((self.num_cost_critics, self.num_constraints) + q.shape[1:])
+
     def pessimistic(self, q: chex.Array) -> tuple[chex.Array, chex.Array]:
         """[N, ...] member values -> min over reward members [...], cost members
         combined by `cost_aggregate` (max by default) [..., M], clamped at 0 with
