@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_learner import OBS as LEARNER_OBS
+from test_learner import random_batch
 
 from cvpo_jax import learner as learner_lib
 from cvpo_jax.config import CVPOConfig
@@ -147,19 +149,9 @@ def test_update_with_the_term_reports_it_at_the_estep_samples():
         cost_conservative_weight=0.5,
         cost_conservative_states=5,
     )
-    learner = make_learner(cfg, 6, [-1.0] * ACT, [1.0] * ACT)
+    learner = make_learner(cfg, LEARNER_OBS, [-1.0] * ACT, [1.0] * ACT)
     state = learner.init(jax.random.PRNGKey(3))
-    k = jax.random.split(jax.random.PRNGKey(4), 6)
-    b = 16
-    batch = Transition(
-        obs=jax.random.normal(k[0], (b, 6)),
-        action=jax.random.uniform(k[1], (b, ACT), minval=-1, maxval=1),
-        reward=jax.random.normal(k[2], (b,)),
-        cost=jax.random.bernoulli(k[3], 0.3, (b, 1)).astype(jnp.float32),
-        next_obs=jax.random.normal(k[4], (b, 6)),
-        terminated=jnp.zeros((b,)),
-        truncated=jnp.zeros((b,)),
-    )
+    batch = random_batch(jax.random.PRNGKey(4), b=16)
     seen = {}
     original = learner_lib.estep_lib.estep
 
@@ -193,22 +185,12 @@ def test_update_with_the_term_reports_it_at_the_estep_samples():
 def test_the_term_off_leaves_the_update_as_it_was():
     """Weight 0 adds no metric and gives the same state as the term never computed."""
     base = CVPOConfig(hidden_sizes=(16,), num_samples=4, dual_steps=2)
-    learner = make_learner(base, 6, [-1.0] * ACT, [1.0] * ACT)
+    learner = make_learner(base, LEARNER_OBS, [-1.0] * ACT, [1.0] * ACT)
     learner_on = make_learner(
-        base.replace(cost_conservative_weight=1.0), 6, [-1.0] * ACT, [1.0] * ACT
+        base.replace(cost_conservative_weight=1.0), LEARNER_OBS, [-1.0] * ACT, [1.0] * ACT
     )
     state = learner.init(jax.random.PRNGKey(5))
-    k = jax.random.split(jax.random.PRNGKey(6), 5)
-    b = 8
-    batch = Transition(
-        obs=jax.random.normal(k[0], (b, 6)),
-        action=jax.random.uniform(k[1], (b, ACT), minval=-1, maxval=1),
-        reward=jax.random.normal(k[2], (b,)),
-        cost=jax.random.bernoulli(k[3], 0.5, (b, 1)).astype(jnp.float32),
-        next_obs=jax.random.normal(k[4], (b, 6)),
-        terminated=jnp.zeros((b,)),
-        truncated=jnp.zeros((b,)),
-    )
+    batch = random_batch(jax.random.PRNGKey(6), b=8)
     off_state, off_metrics = learner.update(jax.tree.map(jnp.copy, state), batch)
     on_state, on_metrics = learner_on.update(jax.tree.map(jnp.copy, state), batch)
     assert "qc_conservative_gap" not in off_metrics and "qc_conservative_gap" in on_metrics
