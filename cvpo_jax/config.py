@@ -11,7 +11,9 @@ import dataclasses
 import math
 from typing import Any
 
-COST_AGGREGATES = ("max", "mean", "min")  # How cost critic members are combined.
+COST_AGGREGATES = ("max", "mean", "min", "first")  # How cost critic members are combined.
+# In the TD target also "cross": two cost members, each bootstrapping from the other.
+COST_TARGET_AGGREGATES = (*COST_AGGREGATES, "cross")
 
 
 def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
@@ -77,6 +79,12 @@ class CVPOConfig:
     # How they combine in the TD target (None: cost_aggregate). "mean" here with "max"
     # above keeps the E-step pessimistic without compounding the max through the
     # bootstrap.
+    # "cross" (two cost members) cross-fits them: member j learns from every other
+    # row of each batch (rows b with b % 2 == j) and bootstraps from member 1 - j at
+    # the next action. With cost_aggregate "first" the E-step chooses by member 0
+    # only, so the member that member 0 bootstraps from never had its errors chosen
+    # for; an underestimate at the chosen actions then enters the level once instead
+    # of being carried 1 / (1 - gamma_c) times through the bootstrap.
     cost_target_aggregate: str | None = None
     # Costs are >= 0, so is every Q_c: clamp the cost critics' values at 0 in the TD
     # target, the E-step and the diagnostics. Without it the E-step, which weights
@@ -220,10 +228,17 @@ class CVPOConfig:
             f"one of {', '.join(COST_AGGREGATES)}",
         )
         _check(
-            self.cost_target_aggregate is None or self.cost_target_aggregate in COST_AGGREGATES,
+            self.cost_target_aggregate is None
+            or self.cost_target_aggregate in COST_TARGET_AGGREGATES,
             "cost_target_aggregate",
             self.cost_target_aggregate,
-            f"null (as cost_aggregate) or one of {', '.join(COST_AGGREGATES)}",
+            f"null (as cost_aggregate) or one of {', '.join(COST_TARGET_AGGREGATES)}",
+        )
+        _check(
+            self.cost_target_aggregate != "cross" or self.num_cost_critics == 2,
+            "num_cost_critics",
+            self.num_cost_critics,
+            "2 with cost_target_aggregate=cross (each member bootstraps from the other)",
         )
         _check(
             _is_number(self.lagrangian_lr) and self.lagrangian_lr > 0,

@@ -1,7 +1,9 @@
 """Policy evaluation: TD targets and the critic loss for reward and cost ensembles.
 
 Reward targets take the min over reward critics, cost targets the max over cost
-critics by default (pessimistic on both; `cost_target_aggregate` may choose mean or min).
+critics by default (pessimistic on both; `cost_target_aggregate` may choose mean, min,
+member 0, or "cross": two cost members each fitted on half of the batch and
+bootstrapped from the other).
 Termination stops the bootstrap; truncation (a time limit) does not. n-step samples
 carry their own bootstrap factor (`Transition.discount`).
 """
@@ -132,24 +134,39 @@ def make_critic_loss(
             next_q_c = networks.split_critic_values(next_q_data)[1]
         if networks.nonnegative_cost_q:
             next_q_c = jnp.maximum(next_q_c, 0.0)
-        y_r, y_c = td_targets(
-            batch.reward,
-            batch.cost,
-            batch.terminated,
-            next_q_r,
-            next_q_c,
-            gamma,
-            discount=batch.discount,
-            aggregate=networks.cost_target_aggregate,
-            cost_gamma=cost_gamma,
-            cost_discount=batch.cost_discount,
-        )
+        cross = networks.cost_target_aggregate == "cross"
+
+        def targets(next_cost_q, aggregate):
+            return td_targets(
+                batch.reward,
+                batch.cost,
+                batch.terminated,
+                next_q_r,
+                next_cost_q,
+                gamma,
+                discount=batch.discount,
+                aggregate=aggregate,
+                cost_gamma=cost_gamma,
+                cost_discount=batch.cost_discount,
+            )
+
+        if cross:  # Member j's target from member 1 - j alone: [N_c=2, B, M].
+            y_r = targets(next_q_c[1:], "first")[0]
+            y_c = jnp.stack([targets(next_q_c[1 - j][None], "first")[1] for j in (0, 1)])
+        else:
+            y_r, y_c = targets(next_q_c, networks.cost_target_aggregate)
         y_r, y_c = jax.lax.stop_gradient((y_r, y_c))
         q_r, q_c = networks.split_critic_values(
             networks.critic_values(critic_params, batch.obs, batch.action)
         )
         loss_r = jnp.mean(jnp.square(q_r - y_r[None]))
-        loss_c = jnp.mean(jnp.square(q_c - y_c.T[None]))
+        if cross:  # Member j learns from rows b % 2 == j only (independent data).
+            rows = jnp.arange(batch.reward.shape[0]) % 2
+            own = (rows[None, :] == jnp.arange(2)[:, None]).astype(q_c.dtype)  # [2, B]
+            sq = jnp.square(q_c - jnp.swapaxes(y_c, 1, 2))  # [2, M, B]
+            loss_c = jnp.sum(own[:, None, :] * sq) / (jnp.sum(own) * q_c.shape[1])
+        else:
+            loss_c = jnp.mean(jnp.square(q_c - y_c.T[None]))
         aux = {
             "critic_loss_reward": loss_r,
             "critic_loss_cost": loss_c,

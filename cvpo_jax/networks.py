@@ -290,7 +290,10 @@ def make_networks(
 
 
 def cost_aggregate(q_c: chex.Array, how: str) -> chex.Array:
-    """Combines cost members [N_c, ...] -> [...]: max (pessimistic), mean or min."""
+    """Combines cost members [N_c, ...] -> [...]: max (pessimistic), mean, min, or
+    first (member 0 alone)."""
+    if how == "first":
+        return q_c[0]
     if how == "max":
         return jnp.max(q_c, axis=0)
     if how == "mean":

@@ -162,7 +162,9 @@ class CriticLossShapeTest(chex.TestCase):
         chex.assert_shape([y_r, y_c], [(5,), (5, 2)])
 
 
-@pytest.mark.parametrize("how, expected", [("max", 3.0), ("mean", 2.0), ("min", 1.0)])
+@pytest.mark.parametrize(
+    "how, expected", [("max", 3.0), ("mean", 2.0), ("min", 1.0), ("first", 1.0)]
+)
 def test_cost_aggregate_chooses_how_cost_members_combine(how, expected):
     next_q_c = jnp.array([[[1.0]], [[3.0]], [[2.0]]])  # [N_c=3, M=1, B=1]
     _, y_c = td_targets(
@@ -263,3 +265,43 @@ def test_cost_target_aggregate_sets_the_target_and_leaves_the_estep_view():
     np.testing.assert_allclose(nets["s"].pessimistic(q)[1], [[3.0]])
     with pytest.raises(ValueError, match="cost_target_aggregate"):
         CVPOConfig(cost_target_aggregate="median")
+
+
+def test_cross_fitted_cost_members_bootstrap_from_each_other_on_their_own_rows():
+    """cost_target_aggregate=cross against a hand computation: member j's target is
+    c + gamma * (member 1 - j at the next action), and member j is fitted only on
+    the rows b with b % 2 == j; the reward part is unchanged."""
+    cfg, _, critic, target, policy, batch = _setup()
+    cross_cfg = cfg.replace(cost_aggregate="first", cost_target_aggregate="cross")
+    nets = make_networks(cross_cfg, 3, [-1.0, -1.0], [1.0, 1.0])
+    key = jax.random.PRNGKey(3)
+    loss, aux = make_critic_loss(nets, cfg.gamma)(critic, target, policy, batch, key)
+    from cvpo_jax.networks import policy_distribution
+
+    mean, tril = nets.policy.apply(policy, batch.next_obs)
+    a_next = jnp.clip(policy_distribution(mean, tril).sample(seed=key), -1.0, 1.0)
+    q_next = np.asarray(nets.critic.apply(target, batch.next_obs, a_next), np.float64)
+    q_now = np.asarray(nets.critic.apply(critic, batch.obs, batch.action), np.float64)
+    cont = 1.0 - np.asarray(batch.terminated, np.float64)
+    cost = np.asarray(batch.cost, np.float64)
+    errors = []
+    for b in range(5):
+        j = b % 2
+        for m in range(2):
+            other = 2 + (1 - j) * 2 + m  # Cost member 1 - j of constraint m.
+            y = cost[b, m] + cfg.gamma * cont[b] * q_next[other, b]
+            errors.append((q_now[2 + j * 2 + m, b] - y) ** 2)
+    np.testing.assert_allclose(float(aux["critic_loss_cost"]), np.mean(errors), rtol=1e-5)
+    y_r = np.asarray(batch.reward) + cfg.gamma * cont * np.minimum(q_next[0], q_next[1])
+    loss_r = np.mean([(q_now[i] - y_r) ** 2 for i in range(2)])
+    np.testing.assert_allclose(float(aux["critic_loss_reward"]), loss_r, rtol=1e-5)
+    # The E-step's view with cost_aggregate=first is member 0 alone.
+    q_r, q_c = nets.pessimistic(jnp.asarray(q_now, jnp.float32))
+    np.testing.assert_allclose(np.asarray(q_c), q_now[[2, 3]].T, rtol=1e-6)
+
+
+def test_cross_fitting_needs_two_cost_members():
+    with pytest.raises(ValueError, match="num_cost_critics"):
+        CVPOConfig(num_cost_critics=3, cost_target_aggregate="cross")
+    with pytest.raises(ValueError, match="cost_aggregate"):
+        CVPOConfig(cost_aggregate="cross")  # Only the target may cross.
