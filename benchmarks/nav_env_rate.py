@@ -74,7 +74,8 @@ def safety_gym_rate(name: str, steps: int) -> float:
     return rate
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
+    """The command line, with --quick's sizes and the default of 3 timed repeats."""
     parser = common.base_parser(__doc__)
     parser.add_argument("--task", default="PointGoal1")
     parser.add_argument("--envs", type=int, nargs="+", default=[1, 16, 64, 256])
@@ -83,6 +84,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.envs, args.scan, args.sg_steps, args.repeats = [1, 4], 5, 200, 1
+    if args.repeats is None:
+        args.repeats = 3
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     from cvpo_jax.envs.nav_env import SafeNavEnv
 
     info = common.machine_info()

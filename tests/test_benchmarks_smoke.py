@@ -109,3 +109,12 @@ def test_throughput_benchmark_quick(tmp_path):
         assert _positive(data["raw_env"][part]["steps_per_s"])
     assert _positive(data["training"]["steps_per_s"]) and data["training"]["updates"] > 0
     assert _positive(data["ratio_training_to_raw"])
+
+
+def test_nav_env_rate_arguments_default_to_three_repeats():
+    """The full run (no --quick) times 3 repeats unless told otherwise; --quick one."""
+    from benchmarks import nav_env_rate
+
+    assert nav_env_rate.parse_args(["--envs", "1", "16"]).repeats == 3
+    assert nav_env_rate.parse_args(["--repeats", "5"]).repeats == 5
+    assert nav_env_rate.parse_args(["--quick"]).repeats == 1
