@@ -101,10 +101,10 @@ def make_critic_loss(
     With cost_bootstrap "data" the cost members bootstrap at the batch's
     `next_action` where `has_next_action` is 1 (the target policy's sample elsewhere).
     With `networks.nonnegative_cost_q` the bootstrapped Q_c is clamped at 0.
-    With conservative_weight > 0 and `conservative` = (states [B'] int indices into
-    the batch, actions [B', K, A], weights [B', K]) the cost part adds
-    conservative_weight * `conservative_cost_gap` of the online cost members there
-    (aux "qc_conservative_gap"); with conservative None it adds nothing.
+    With conservative_weight > 0 and `conservative` = (actions [B', K, A], weights
+    [B', K]) at the batch's first B' states, the cost part adds conservative_weight *
+    `conservative_cost_gap` of the online cost members there (aux
+    "qc_conservative_gap"); with conservative None it adds nothing.
     """
 
     def loss_fn(
@@ -113,7 +113,7 @@ def make_critic_loss(
         target_policy_params: Params,
         batch: Transition,
         key: chex.PRNGKey,
-        conservative: tuple[chex.Array, chex.Array, chex.Array] | None = None,
+        conservative: tuple[chex.Array, chex.Array] | None = None,
     ) -> tuple[chex.Array, dict]:
         next_mean, next_tril = networks.policy_apply(target_policy_params, batch.next_obs)
         next_action = policy_distribution(next_mean, next_tril).sample(seed=key)
@@ -134,39 +134,31 @@ def make_critic_loss(
             next_q_c = networks.split_critic_values(next_q_data)[1]
         if networks.nonnegative_cost_q:
             next_q_c = jnp.maximum(next_q_c, 0.0)
-        cross = networks.cost_target_aggregate == "cross"
-
-        def targets(next_cost_q, aggregate):
-            return td_targets(
-                batch.reward,
-                batch.cost,
-                batch.terminated,
-                next_q_r,
-                next_cost_q,
-                gamma,
-                discount=batch.discount,
-                aggregate=aggregate,
-                cost_gamma=cost_gamma,
-                cost_discount=batch.cost_discount,
-            )
-
-        if cross:  # Member j's target from member 1 - j alone: [N_c=2, B, M].
-            y_r = targets(next_q_c[1:], "first")[0]
-            y_c = jnp.stack([targets(next_q_c[1 - j][None], "first")[1] for j in (0, 1)])
-        else:
-            y_r, y_c = targets(next_q_c, networks.cost_target_aggregate)
+        aggregate = networks.cost_target_aggregate
+        cross = aggregate == "cross"
+        if cross:  # Row b is member b % 2's, bootstrapped from member 1 - b % 2: [1, M, B].
+            b = jnp.arange(batch.reward.shape[0])
+            member = b % 2
+            next_q_c, aggregate = next_q_c[1 - member, :, b].T[None], "first"
+        y_r, y_c = td_targets(
+            batch.reward,
+            batch.cost,
+            batch.terminated,
+            next_q_r,
+            next_q_c,
+            gamma,
+            discount=batch.discount,
+            aggregate=aggregate,
+            cost_gamma=cost_gamma,
+            cost_discount=batch.cost_discount,
+        )
         y_r, y_c = jax.lax.stop_gradient((y_r, y_c))
         q_r, q_c = networks.split_critic_values(
             networks.critic_values(critic_params, batch.obs, batch.action)
         )
         loss_r = jnp.mean(jnp.square(q_r - y_r[None]))
-        if cross:  # Member j learns from rows b % 2 == j only (independent data).
-            rows = jnp.arange(batch.reward.shape[0]) % 2
-            own = (rows[None, :] == jnp.arange(2)[:, None]).astype(q_c.dtype)  # [2, B]
-            sq = jnp.square(q_c - jnp.swapaxes(y_c, 1, 2))  # [2, M, B]
-            loss_c = jnp.sum(own[:, None, :] * sq) / (jnp.sum(own) * q_c.shape[1])
-        else:
-            loss_c = jnp.mean(jnp.square(q_c - y_c.T[None]))
+        fitted = q_c[member, :, b].T[None] if cross else q_c  # Each row's own member(s).
+        loss_c = jnp.mean(jnp.square(fitted - y_c.T[None]))
         aux = {
             "critic_loss_reward": loss_r,
             "critic_loss_cost": loss_c,
@@ -174,10 +166,10 @@ def make_critic_loss(
             "q_cost": jnp.mean(q_c, axis=(0, 2)),
         }
         if conservative_weight > 0 and conservative is not None:
-            states, actions, weights = conservative
-            obs = batch.obs[states]
-            q_samples = networks.cost_values(critic_params, obs, actions)
-            gap = conservative_cost_gap(q_c[:, :, states], q_samples, weights)
+            actions, weights = conservative
+            n = actions.shape[0]
+            q_samples = networks.cost_values(critic_params, batch.obs[:n], actions)
+            gap = conservative_cost_gap(q_c[:, :, :n], q_samples, weights)
             aux["qc_conservative_gap"] = gap
             loss_c = loss_c + conservative_weight * gap
         return loss_r + loss_c, aux

@@ -147,7 +147,7 @@ def _critic_step(
 ):
     """One gradient step of both critic ensembles: (critic params, optimiser state, aux).
 
-    `conservative`: (states, actions, weights) for the conservative cost term (see
+    `conservative`: (actions, weights) for the conservative cost term (see
     `critic.make_critic_loss`), or None.
     """
     critic_loss = critic_lib.make_critic_loss(
@@ -223,7 +223,7 @@ def update_step(
     conservative = None
     if cfg.cost_conservative_weight > 0:
         n = min(cfg.cost_conservative_states, batch.obs.shape[0])
-        conservative = (jnp.arange(n), clipped[:n], weights[:n])
+        conservative = (clipped[:n], weights[:n])
     critic_params, critic_opt_state, critic_aux = _critic_step(
         state, batch, networks, cfg, k_critic, conservative
     )

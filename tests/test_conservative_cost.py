@@ -67,12 +67,12 @@ def _setup(b=6, k=4, num_constraints=2):
     n = b // 2  # The term on the first half of the states only.
     actions = jax.random.uniform(keys[8], (n, k, ACT), minval=-1, maxval=1)
     weights = jax.nn.softmax(jax.random.normal(keys[9], (n, k)), axis=1)
-    return cfg, nets, critic, target, policy, batch, (jnp.arange(n), actions, weights)
+    return cfg, nets, critic, target, policy, batch, (actions, weights)
 
 
 def test_loss_adds_weight_times_the_gap_of_the_online_cost_members():
     cfg, nets, critic, target, policy, batch, conservative = _setup()
-    states, actions, weights = conservative
+    actions, weights = conservative
     key = jax.random.PRNGKey(1)
     base, base_aux = make_critic_loss(nets, cfg.gamma)(critic, target, policy, batch, key)
     loss, aux = make_critic_loss(nets, cfg.gamma, conservative_weight=0.7)(
@@ -88,7 +88,7 @@ def test_loss_adds_weight_times_the_gap_of_the_online_cost_members():
             ),
             np.float64,
         )[1:]
-        for s in np.asarray(states)
+        for s in range(actions.shape[0])  # The batch's first B' states.
     ]  # [B'] of [N_c * M, K]
     w = np.asarray(weights, np.float64)
     gaps = [
@@ -115,7 +115,6 @@ def test_a_step_on_the_term_narrows_the_gap_and_leaves_the_reward_member():
     gap between Q_c at the data and at the weighted samples by lr * |grad|^2 to first
     order; the reward member gets no gradient."""
     cfg, nets, critic, target, policy, batch, conservative = _setup()
-    states, actions, weights = conservative
     loss_fn = make_critic_loss(nets, cfg.gamma, conservative_weight=1.0)
     key = jax.random.PRNGKey(2)
 
